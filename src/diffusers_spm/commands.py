@@ -1,0 +1,9 @@
+"""The runtime's own commands: `convert` and `generate`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Filled in below."""

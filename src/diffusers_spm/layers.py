@@ -1,0 +1,209 @@
+"""The injected layer: a bank of membranes on one `nn.Linear`/`nn.Conv2d`, gated per sample.
+
+The N membranes of a layer are stacked row-wise, `D` [R, in] and `U` [out, R] with R the sum of
+their ranks, so the update `U (G * D x)` costs two thin matmuls whatever N is. Each row carries
+its membrane's `alpha / rank`; gates arrive per membrane and are expanded to rows.
+
+The bank never writes to the base layer's weight except in `fuse`, which swaps in a new tensor
+and keeps the original object, so `unfuse` restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from .membrane import MembraneModule
+
+if TYPE_CHECKING:
+    from .model import ForwardGates, MembraneController
+
+MEMBRANE_HOOK = "spm_membrane"
+BANK_ATTRIBUTE = "spm_membranes"
+
+
+class MembraneBank(nn.Module):
+    """The stacked membranes of one base layer.
+
+    The tensors are parameters so that `.to()` moves them and the trainer can optimise them; they
+    are kept out of the UNet's state dict, which stays the user's model (save membranes with
+    `save_spm`).
+    """
+
+    def __init__(self, base: nn.Linear | nn.Conv2d) -> None:
+        super().__init__()
+        self.is_conv = isinstance(base, nn.Conv2d)
+        in_shape = (base.in_channels, *base.kernel_size) if self.is_conv else (base.in_features,)
+        out_features = base.out_channels if self.is_conv else base.out_features
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.in_shape: tuple[int, ...] = in_shape
+        self.names: list[str] = []
+        self.ranks: list[int] = []
+        self.alphas: list[float] = []
+        self.down = nn.Parameter(torch.empty(0, *in_shape, **factory), requires_grad=False)
+        self.up = nn.Parameter(torch.empty(out_features, 0, **factory), requires_grad=False)
+        self.register_buffer("row_scale", torch.empty(0, device=base.weight.device), persistent=False)
+        self.register_buffer("row_owner", torch.empty(0, dtype=torch.long, device=base.weight.device), persistent=False)
+        self.register_buffer("fused_original", None, persistent=False)
+
+    # The bank's tensors belong to the membranes, not to the user's model: keep them out of
+    # `unet.state_dict()` and let `unet.load_state_dict(..., strict=True)` ignore them.
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        return
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        return
+
+    # ------------------------------------------------------------------ membership
+    def expected_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """`down` and `up` shapes of a rank-1 membrane for this layer, without the rank."""
+        up_tail = (1, 1) if self.is_conv else ()
+        return self.in_shape, (self.up.shape[0], *up_tail)
+
+    def add(self, name: str, module: MembraneModule, dtype: torch.dtype | None = None) -> None:
+        down = module.down.to(self.down.device, dtype or self.down.dtype)
+        up = module.up.reshape(module.up.shape[0], module.rank).to(self.up.device, dtype or self.up.dtype)
+        requires_grad = self.down.requires_grad
+        self.down = nn.Parameter(torch.cat([self.down.detach().to(down.dtype), down]), requires_grad=requires_grad)
+        self.up = nn.Parameter(torch.cat([self.up.detach().to(up.dtype), up], dim=1), requires_grad=requires_grad)
+        self.row_scale = torch.cat([self.row_scale, torch.full((module.rank,), module.scale, device=self.row_scale.device)])
+        self.names.append(name)
+        self.ranks.append(module.rank)
+        self.alphas.append(module.alpha)
+
+    def remove(self, name: str) -> None:
+        index = self.names.index(name)
+        start = sum(self.ranks[:index])
+        keep = torch.ones(self.down.shape[0], dtype=torch.bool, device=self.down.device)
+        keep[start : start + self.ranks[index]] = False
+        self.down = nn.Parameter(self.down.detach()[keep], requires_grad=self.down.requires_grad)
+        self.up = nn.Parameter(self.up.detach()[:, keep], requires_grad=self.up.requires_grad)
+        self.row_scale = self.row_scale[keep.to(self.row_scale.device)]
+        del self.names[index], self.ranks[index], self.alphas[index]
+
+    def module(self, name: str) -> MembraneModule:
+        """One membrane's weights, back in the reference shapes."""
+        index = self.names.index(name)
+        start, rank = sum(self.ranks[:index]), self.ranks[index]
+        down = self.down.detach()[start : start + rank].clone()
+        up = self.up.detach()[:, start : start + rank].clone()
+        if self.is_conv:
+            up = up[:, :, None, None]
+        return MembraneModule(down=down, up=up, alpha=self.alphas[index])
+
+    def index_rows(self, order: list[str]) -> None:
+        """Point each row at its membrane's position in the controller's gate vector."""
+        owner = [order.index(name) for name, rank in zip(self.names, self.ranks) for _ in range(rank)]
+        self.row_owner = torch.tensor(owner, dtype=torch.long, device=self.row_scale.device)
+
+    # ------------------------------------------------------------------ math
+    def row_coefficients(self, gates: torch.Tensor) -> torch.Tensor:
+        """Gates [..., N] per membrane -> per-row coefficients [..., R] (gate * alpha / rank)."""
+        gates = gates.to(self.row_scale.device, torch.float32)
+        return gates.index_select(-1, self.row_owner) * self.row_scale.float()
+
+    def delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
+        """`sum_i g_i * scale_i * U_i D_i` in the base weight's shape, computed in fp32."""
+        coef = self.row_coefficients(gates)
+        down = self.down.detach().float().flatten(1)
+        delta = (self.up.detach().float() * coef) @ down
+        return delta.view(self.up.shape[0], *self.in_shape)
+
+    def delta_output(self, base: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """`U (G * D x)` for gates [N] (shared) or [B, N] (one row of gates per sample)."""
+        coef = self.row_coefficients(gates).to(x.dtype)
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if self.is_conv:
+            hidden = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)
+            hidden = hidden * coef.view(*coef.shape, 1, 1)
+            return F.conv2d(hidden, up[:, :, None, None])
+        hidden = F.linear(x, down)
+        if coef.dim() == 2:
+            coef = coef.view(coef.shape[0], *([1] * (hidden.dim() - 2)), coef.shape[1])
+        return F.linear(hidden * coef, up)
+
+    # ------------------------------------------------------------------ fuse
+    @torch.no_grad()
+    def fuse(self, base: nn.Module, gates: torch.Tensor) -> None:
+        """Swap a merged weight into the base layer, keeping the original tensor for `unfuse`."""
+        if self.fused_original is not None:
+            raise RuntimeError("This layer is already fused; call `unfuse_spm()` first.")
+        original = base.weight.data
+        merged = (original.float() + self.delta_weight(gates).to(original.device)).to(original.dtype)
+        self.fused_original = original
+        base.weight.data = merged
+
+    @torch.no_grad()
+    def unfuse(self, base: nn.Module) -> None:
+        if self.fused_original is not None:
+            base.weight.data = self.fused_original
+            self.fused_original = None
+
+
+class MembraneLayerHook(ModelHook):
+    """Runs a base layer with its membrane bank, reading the gates of the current UNet call from
+    the controller that owns the UNet (state lives beside the UNet, not in globals)."""
+
+    def __init__(self, bank: MembraneBank, controller: "MembraneController") -> None:
+        super().__init__()
+        self.bank = bank
+        self.controller = controller
+        self._merged: tuple[Any, torch.Tensor] | None = None
+
+    def new_forward(self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        forward_gates = self.controller.gates_for(self.bank, x)
+        if forward_gates is None:
+            return self.fn_ref.original_forward(x, *args, **kwargs)
+        if forward_gates.merge_key is not None:
+            return self._merged_forward(module, x, forward_gates)
+        return self.fn_ref.original_forward(x, *args, **kwargs) + self.bank.delta_output(module, x, forward_gates.gates)
+
+    def _merged_forward(self, module: nn.Module, x: torch.Tensor, forward_gates: "ForwardGates") -> torch.Tensor:
+        """Every row shares the gates: run the base op once with `W + dW`, cached for the call."""
+        if self._merged is None or self._merged[0] != forward_gates.merge_key:
+            weight = module.weight.detach()
+            delta = self.bank.delta_weight(forward_gates.gates).to(weight.device)
+            self._merged = (forward_gates.merge_key, (weight.float() + delta).to(weight.dtype))
+        weight = self._merged[1]
+        if self.bank.is_conv:
+            return module._conv_forward(x, weight, module.bias)
+        return F.linear(x, weight, module.bias)
+
+    def release(self) -> None:
+        """Drop the merged weight of the finished call."""
+        self._merged = None
+
+
+def attach_bank(base: nn.Module, controller: "MembraneController") -> MembraneBank:
+    """Give `base` a bank and a hook (idempotent) and return the bank."""
+    bank = getattr(base, BANK_ATTRIBUTE, None)
+    if bank is None:
+        bank = MembraneBank(base)
+        base.add_module(BANK_ATTRIBUTE, bank)
+        HookRegistry.check_if_exists_or_initialize(base).register_hook(MembraneLayerHook(bank, controller), MEMBRANE_HOOK)
+    return bank
+
+
+def layer_hook(base: nn.Module) -> MembraneLayerHook | None:
+    registry = getattr(base, "_diffusers_hook", None)
+    return registry.get_hook(MEMBRANE_HOOK) if registry is not None else None
+
+
+def detach_bank(base: nn.Module) -> None:
+    """Remove the hook and the bank; the base layer is as it was before `attach_bank`."""
+    bank = getattr(base, BANK_ATTRIBUTE, None)
+    if bank is not None:
+        bank.unfuse(base)
+        delattr(base, BANK_ATTRIBUTE)
+    registry = getattr(base, "_diffusers_hook", None)
+    if registry is not None:
+        registry.remove_hook(MEMBRANE_HOOK, recurse=False)
+        restored = base.__dict__.get("forward")
+        if not registry.hooks and getattr(restored, "__func__", None) is type(base).forward:
+            # The registry left the class's own forward behind as an instance attribute: tidy it away.
+            del base._diffusers_hook
+            del base.forward

@@ -1,0 +1,267 @@
+"""`SPMPipelineMixin`: `load_spm`, `set_spm_scale`, `unload_spm`, ... on diffusers pipelines.
+
+The mixin only describes each pipeline call to the UNet's `MembraneController` (the prompts'
+transport gates); the model code stays the model's. It works on any pipeline with a
+`UNet2DConditionModel`, a CLIP text encoder, a tokenizer and an `encode_prompt` method.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from .hub import resolve_membrane
+from .membrane import Membrane
+from .model import CallGates, MembraneController
+from .transport import TransportConfig, TransportRate, gates_from_rates
+
+logger = logging.getLogger(__name__)
+
+
+class SPMPipelineMixin:
+    """Concept Semi-Permeable Membranes for a diffusers pipeline, mirroring the LoRA loader API."""
+
+    # ------------------------------------------------------------------ loading
+    def load_spm(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike,
+        weight_name: str | None = None,
+        adapter_name: str | None = None,
+        scale: float = 1.0,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load a membrane from a file, a folder, a Hub repo id or a registry short name (`"nudity"`).
+
+        `adapter_name` defaults to the file's stem or the short name; a name already loaded is an
+        error, as in `load_lora_weights`. On any failure the pipeline is left as it was.
+        """
+        path, default_name = resolve_membrane(pretrained_model_name_or_path, weight_name, **hub_kwargs)
+        name = adapter_name or default_name
+        existing = MembraneController.of(self.unet)
+        if existing is not None and name in existing.adapters:
+            raise ValueError(
+                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
+                f"`pipe.unload_spm({name!r})` first."
+            )
+        membrane = Membrane.from_file(path)
+        _check_scale(name, scale)
+        controller = MembraneController.of(self.unet, create=True)
+        try:
+            controller.add(name, membrane, dtype=self.unet.dtype, scale=scale)
+        finally:
+            if not controller.adapters:
+                controller.detach()
+        logger.info("Loaded membrane %r (%s) on %d layers.", name, ", ".join(membrane.concepts), len(membrane.modules))
+
+    def unload_spm(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Remove one, several or (by default) all membranes; the UNet is returned bit for bit."""
+        controller = MembraneController.of(self.unet)
+        if controller is None:
+            if adapter_names is not None:
+                raise ValueError(f"No membranes are loaded, so {adapter_names!r} cannot be unloaded.")
+            return
+        if adapter_names is None:
+            controller.detach()
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        controller.require(names)
+        for name in names:
+            controller.remove(name)
+        if not controller.adapters:
+            controller.detach()
+
+    def save_spm(self, adapter_name: str, save_path: str | os.PathLike) -> Path:
+        """Write a loaded membrane in the reference format with our metadata."""
+        return self._spm_controller().membrane(adapter_name).save(save_path)
+
+    # ------------------------------------------------------------------ settings
+    def set_spm_scale(self, scale: float | dict[str, float]) -> None:
+        """One scale for every membrane, or `{"snoopy": 0.7, "van_gogh": 0.4}`."""
+        controller = self._spm_controller()
+        scales = scale if isinstance(scale, dict) else {name: scale for name in controller.names}
+        controller.set_scales(scales)
+        if controller.fused:
+            logger.warning("Membranes %s are fused; new scales apply after `unfuse_spm()`.", controller.fused)
+
+    def set_spm_transport(
+        self,
+        enabled: bool = True,
+        metric: str = "clipcos_tokenuni",
+        power: float = 2.0,
+        cfg_rows: str = "paired",
+    ) -> None:
+        """Facilitated Transport on (gates follow each prompt) or off (gates are the scales)."""
+        controller = self._spm_controller()
+        controller.transport = TransportConfig(enabled=enabled, metric=metric, power=power, cfg_rows=cfg_rows)
+        controller.changed()
+
+    def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
+        """Raw transport rates in [0, 1], per membrane and prompt (before scale and power)."""
+        controller = self._spm_controller()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rates = self._spm_rates(controller, prompts)
+        return {name: rates[:, i].tolist() for i, name in enumerate(controller.names)}
+
+    def get_active_spms(self) -> list[str]:
+        controller = MembraneController.of(self.unet)
+        if controller is None or not controller.enabled:
+            return []
+        return [n for n, s in controller.adapters.items() if s.scale > 0 and n not in controller.fused]
+
+    def disable_spm(self) -> None:
+        controller = self._spm_controller()
+        controller.enabled = False
+        controller.changed()
+
+    def enable_spm(self) -> None:
+        controller = self._spm_controller()
+        controller.enabled = True
+        controller.changed()
+
+    def fuse_spm(self, scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> None:
+        """Bake membranes into the UNet weights at fixed gates (`scale` x their scales, no transport).
+
+        The original weight tensors are kept, so `unfuse_spm` restores them bit for bit; that costs
+        one copy of the adapted layers' weights while fused.
+        """
+        controller = self._spm_controller()
+        _check_scale("fuse_spm", scale)
+        controller.fuse(list(adapter_names) if adapter_names is not None else controller.names, scale)
+
+    def unfuse_spm(self) -> None:
+        controller = MembraneController.of(self.unet)
+        if controller is not None:
+            controller.unfuse()
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        controller = MembraneController.of(self.unet)
+        if controller is None or not controller.active():
+            return super().__call__(*args, **kwargs)
+        with controller.pipeline_call(self._spm_call_gates(controller, args, kwargs)):
+            return super().__call__(*args, **kwargs)
+
+    def _spm_call_gates(self, controller: MembraneController, args: tuple, kwargs: dict) -> CallGates:
+        """Per-prompt gates of this call; rows are laid out by the controller on the first UNet step."""
+        arguments = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
+        images_per_prompt = arguments.get("num_images_per_prompt") or 1
+        prompt = arguments.get("prompt")
+        transport = controller.transport
+        if not transport.enabled or prompt is None:
+            return CallGates(None, None, images_per_prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        scales = controller.scales()
+        gates = gates_from_rates(self._spm_rates(controller, prompts), scales, transport.power)
+        negative_gates = None
+        if transport.cfg_rows == "own" and arguments.get("negative_prompt_embeds") is None:
+            negative = arguments.get("negative_prompt") or ""
+            negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            negative_gates = gates_from_rates(self._spm_rates(controller, negatives), scales, transport.power)
+        return CallGates(gates, negative_gates, images_per_prompt)
+
+    # ------------------------------------------------------------------ transport
+    def _spm_rates(self, controller: MembraneController, prompts: list[str]) -> torch.Tensor:
+        """[P, N] raw rates with the controller's metric."""
+        self._spm_prepare_concepts(controller)
+        states = list(controller.adapters.values())
+        prompt_embeds, prompt_tokens = self._spm_encode(prompts)
+        concept_embeds = torch.cat([s.concept_embeds for s in states])
+        concept_tokens = [t for s in states for t in s.concept_tokens]
+        rate = TransportRate(controller.transport.metric)
+        scores = rate.concept_scores(prompt_embeds, prompt_tokens, concept_embeds, concept_tokens)
+        return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
+
+    def _spm_prepare_concepts(self, controller: MembraneController) -> None:
+        """Encode each membrane's concepts once, with this pipeline's own text encoder."""
+        for name, state in controller.adapters.items():
+            if state.concept_embeds is None:
+                if not state.membrane.concepts:
+                    raise ValueError(
+                        f"Membrane {name!r} names no concepts in its metadata, so Facilitated Transport cannot rate "
+                        "prompts against it. Use `pipe.set_spm_transport(False)`, or re-save it with its concepts."
+                    )
+                state.concept_embeds, state.concept_tokens = self._spm_encode(state.membrane.concepts)
+
+    @torch.no_grad()
+    def _spm_encode(self, texts: list[str]) -> tuple[torch.Tensor, list[set[int]]]:
+        """Text embeddings as the UNet sees them (`encode_prompt`), and token sets without specials."""
+        embeds = self.encode_prompt(
+            prompt=texts, device=self._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )[0]
+        ids = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
+        ).input_ids
+        special = set(self.tokenizer.all_special_ids)
+        return embeds, [set(row) - special for row in ids]
+
+    def _spm_controller(self) -> MembraneController:
+        controller = MembraneController.of(self.unet)
+        if controller is None or not controller.adapters:
+            raise ValueError("No membranes are loaded; load one first with `pipe.load_spm(...)`.")
+        return controller
+
+
+def _check_scale(name: str, scale: float) -> None:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"Scale for {name!r} must be a finite number >= 0, got {scale!r}.")
+
+
+class StableDiffusionSPMPipeline(SPMPipelineMixin, StableDiffusionPipeline):
+    """Stable Diffusion 1.x/2.x text-to-image with membranes."""
+
+
+class StableDiffusionImg2ImgSPMPipeline(SPMPipelineMixin, StableDiffusionImg2ImgPipeline):
+    """Stable Diffusion 1.x/2.x image-to-image with membranes."""
+
+
+class StableDiffusionInpaintSPMPipeline(SPMPipelineMixin, StableDiffusionInpaintPipeline):
+    """Stable Diffusion 1.x/2.x inpainting with membranes."""
+
+
+class StableDiffusionXLSPMPipeline(SPMPipelineMixin, StableDiffusionXLPipeline):
+    """SDXL text-to-image with membranes."""
+
+
+class StableDiffusionXLImg2ImgSPMPipeline(SPMPipelineMixin, StableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image with membranes."""
+
+
+_SPM_CLASSES: dict[type, type] = {}
+
+
+def add_spm_support(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Give an existing pipeline (ControlNet included) the SPM methods, in place, without reloading.
+
+    The pipeline's class becomes a subclass with the same name, so `save_pretrained` still writes
+    the original class into `model_index.json`.
+    """
+    if isinstance(pipe, SPMPipelineMixin):
+        return pipe
+    missing = [
+        attr for attr in ("unet", "text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, attr, None) is None
+    ]
+    if missing or not isinstance(pipe.unet, UNet2DConditionModel):
+        raise TypeError(
+            f"{type(pipe).__name__} cannot take membranes: SPM needs a UNet2DConditionModel, a CLIP text encoder, a "
+            f"tokenizer and `encode_prompt` (missing: {', '.join(missing) or 'a UNet2DConditionModel'})."
+        )
+    cls = type(pipe)
+    if cls not in _SPM_CLASSES:
+        _SPM_CLASSES[cls] = type(cls.__name__, (SPMPipelineMixin, cls), {"__module__": cls.__module__})
+    pipe.__class__ = _SPM_CLASSES[cls]
+    return pipe

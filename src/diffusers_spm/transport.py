@@ -1,0 +1,91 @@
+"""Facilitated Transport: how strongly each membrane acts on a given prompt.
+
+For a prompt and each concept `c` of a membrane, the reference computes
+- `clipcos`: the cosine of the flattened (77 x d) text-encoder outputs of prompt and concept,
+  padding included (so it is high, 0.8 to 0.99, even for unrelated prompts);
+- `tokenuni`: |tokens(prompt) & tokens(c)| / |tokens(c)|, special tokens excluded;
+and takes `max(clipcos, tokenuni)` (metric `clipcos_tokenuni`). A membrane's rate is the max over
+its concepts. The gate applied to the membrane is `user_scale * rate ** power`: `power=2`
+reproduces the reference's effective strength for one membrane (it scales both `lora_down` and
+`lora_up` by the rate), `power=1` is the paper's linear reading.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni"]
+METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni")
+CFG_ROWS: tuple[str, ...] = ("paired", "own")
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How gates follow prompts. `cfg_rows="paired"` gives a CFG unconditional/negative row the gate
+    of the prompt it is paired with (as the reference does); `"own"` rates that row's own text."""
+
+    enabled: bool = True
+    metric: Metric = "clipcos_tokenuni"
+    power: float = 2.0
+    cfg_rows: Literal["paired", "own"] = "paired"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"Unknown transport metric {self.metric!r}; choose one of {', '.join(METRICS)}.")
+        if not (isinstance(self.power, (int, float)) and math.isfinite(self.power) and self.power > 0):
+            raise ValueError(f"Transport power must be a finite number > 0, got {self.power!r} (2.0 is the reference).")
+        if self.cfg_rows not in CFG_ROWS:
+            raise ValueError(f"cfg_rows must be one of {', '.join(CFG_ROWS)}, got {self.cfg_rows!r}.")
+
+
+def clipcos(prompt_embeds: torch.Tensor, concept_embeds: torch.Tensor) -> torch.Tensor:
+    """Cosine of the flattened embeddings, [P, L, D] x [C, L, D] -> [P, C], in fp32."""
+    prompts = torch.nn.functional.normalize(prompt_embeds.flatten(1).float(), dim=-1)
+    concepts = torch.nn.functional.normalize(concept_embeds.flatten(1).float().to(prompts.device), dim=-1)
+    return prompts @ concepts.T
+
+
+def tokenuni(prompt_tokens: Sequence[set[int]], concept_tokens: Sequence[set[int]]) -> torch.Tensor:
+    """Share of each concept's tokens present in each prompt, [P, C]. An empty concept scores 0."""
+    return torch.tensor(
+        [[len(p & c) / len(c) if c else 0.0 for c in concept_tokens] for p in prompt_tokens], dtype=torch.float32
+    )
+
+
+class TransportRate:
+    """Scores prompts against concepts with one of the reference's metrics, then reduces the
+    concept scores to one rate in [0, 1] per membrane."""
+
+    def __init__(self, metric: Metric = "clipcos_tokenuni") -> None:
+        if metric not in METRICS:
+            raise ValueError(f"Unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}.")
+        self.metric = metric
+
+    def concept_scores(
+        self,
+        prompt_embeds: torch.Tensor | None,
+        prompt_tokens: Sequence[set[int]] | None,
+        concept_embeds: torch.Tensor,
+        concept_tokens: Sequence[set[int]],
+    ) -> torch.Tensor:
+        """[P, C]. Without prompt tokens (a plain UNet call) only the embedding term can be used."""
+        scores = []
+        if "clipcos" in self.metric or prompt_tokens is None:
+            scores.append(clipcos(prompt_embeds, concept_embeds).cpu())
+        if "tokenuni" in self.metric and prompt_tokens is not None:
+            scores.append(tokenuni(prompt_tokens, concept_tokens))
+        return torch.stack(scores).amax(0)
+
+    def membrane_rates(self, concept_scores: torch.Tensor, concepts_per_membrane: Sequence[int]) -> torch.Tensor:
+        """[P, C] -> [P, N]: each membrane takes the max over its own concepts, clamped to [0, 1]."""
+        columns = torch.split(concept_scores, list(concepts_per_membrane), dim=1)
+        return torch.stack([c.amax(1) for c in columns], dim=1).clamp(0.0, 1.0)
+
+
+def gates_from_rates(rates: torch.Tensor, scales: torch.Tensor, power: float) -> torch.Tensor:
+    """`user_scale * rate ** power`, broadcast over the leading (prompt or row) dimension."""
+    return scales.to(rates) * rates.pow(power)

@@ -1,0 +1,69 @@
+"""Tiny offline pipelines built from configs, the way diffusers' own tests build them."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffusers_spm import StableDiffusionSPMPipeline
+
+TOKENIZER_DIR = str(resources.files("diffusers_spm") / "assets" / "clip_tokenizer")
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+
+
+def tiny_components(seed: int = 0) -> dict:
+    unet = tiny_unet(seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+            layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408, max_position_embeddings=77,
+        )
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler,
+            "safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False}
+
+
+def tiny_pipeline(seed: int = 0, cls=StableDiffusionSPMPipeline):
+    pipe = cls(**tiny_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline()

@@ -1,9 +1,103 @@
-"""The runtime's own commands: `convert` and `generate`."""
+"""The runtime's own commands: `convert` (file layouts) and `generate` (images with membranes)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from .membrane import PICKLE_SUFFIXES, Membrane
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_any(path: Path) -> Membrane:
+    """A membrane from safetensors, or from a reference pickle read with `weights_only=True`."""
+    return Membrane.from_pickle(path) if path.suffix in PICKLE_SUFFIXES else Membrane.from_file(path)
+
+
+def convert(source: Path, target: Path, to: str, base: str | None = None) -> Path:
+    """Write `source` in the reference (kohya) layout or the diffusers (PEFT) LoRA layout."""
+    membrane = read_any(source)
+    if to == "reference":
+        return membrane.save(target)
+    from diffusers import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig
+
+    from .architectures import name_to_path
+
+    paths = name_to_path(membrane, base)
+    state_dict = {k.removeprefix("unet."): v for k, v in membrane.diffusers_state_dict(paths).items()}
+    ranks = {m.rank for m in membrane.modules.values()}
+    alphas = {m.alpha for m in membrane.modules.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError("The diffusers layout stores one rank and alpha per file; this membrane mixes several.")
+    config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), target_modules=sorted(paths[n] for n in membrane.modules))
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        target.parent, unet_lora_layers=state_dict, weight_name=target.name, unet_lora_adapter_metadata=metadata
+    )
+    return target
+
+
+def _convert(args: argparse.Namespace) -> int:
+    out = convert(Path(args.input), Path(args.output), args.to, args.base)
+    logger.info("Wrote %s (%s layout).", out, args.to)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from diffusers import DiffusionPipeline
+
+    from .pipeline import add_spm_support
+
+    pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
+    pipe = add_spm_support(pipe.to(args.device))
+    for spm in args.spm:
+        pipe.load_spm(spm)
+    if args.spm:
+        pipe.set_spm_scale(args.scale)
+        pipe.set_spm_transport(not args.no_transport, metric=args.metric, power=args.power)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for index, prompt in enumerate(args.prompt):
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        images = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      num_images_per_prompt=args.num_images, generator=generator).images
+        for j, image in enumerate(images):
+            file = output / f"{index:04d}_{args.seed}_{j}.png"
+            image.save(file)
+            logger.info("%s <- %r", file, prompt)
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Filled in below."""
+    convert_parser = subparsers.add_parser("convert", help="convert a membrane between reference and diffusers layouts")
+    convert_parser.add_argument("input", help=".safetensors, or a reference .pt/.ckpt (read with weights_only=True)")
+    convert_parser.add_argument("output", help="the .safetensors file to write")
+    convert_parser.add_argument("--to", choices=("reference", "diffusers"), required=True)
+    convert_parser.add_argument("--base", help="model folder or Hub id whose UNet layout names the layers "
+                                               "(default: detect SD 1.x / 2.x / XL from the shapes)")
+    convert_parser.set_defaults(handler=_convert)
+
+    generate = subparsers.add_parser("generate", help="generate images with membranes")
+    generate.add_argument("--base", required=True, help="diffusers model folder or Hub id")
+    generate.add_argument("--spm", action="append", default=[], help="membrane path, Hub id or short name (repeatable)")
+    generate.add_argument("--prompt", action="append", required=True, help="repeatable")
+    generate.add_argument("--scale", type=float, default=1.0)
+    generate.add_argument("--no-transport", action="store_true", help="fixed gates instead of Facilitated Transport")
+    generate.add_argument("--metric", default="clipcos_tokenuni", choices=("clipcos", "tokenuni", "clipcos_tokenuni"))
+    generate.add_argument("--power", type=float, default=2.0)
+    generate.add_argument("--steps", type=int, default=30)
+    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    generate.add_argument("--output", default="outputs/generate")
+    generate.set_defaults(handler=_generate)

@@ -38,17 +38,17 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def make_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
+def make_vae(scaling_factor: float = 1.0, block_out_channels: tuple[int, ...] = (16, 32, 64)) -> AutoencoderKL:
     """32x32x3 <-> 8x8x4: three blocks, downsampling factor 4."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=IMAGE_SIZE,
         scaling_factor=scaling_factor,
     )
@@ -71,7 +71,7 @@ def make_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def make_unet() -> UNet2DConditionModel:
+def make_unet(block_out_channels: tuple[int, ...] = (64, 128, 128)) -> UNet2DConditionModel:
     """An SD-1.x-shaped UNet on 8x8x4 latents with cross-attention in down and up blocks."""
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
@@ -79,7 +79,7 @@ def make_unet() -> UNet2DConditionModel:
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128, 128),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=4,

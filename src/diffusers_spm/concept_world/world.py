@@ -355,6 +355,20 @@ class ConceptWorld:
             cache[held_out] = self.caption_choices(held_out)
         return cache[held_out]
 
+    def parse(self, text: str) -> dict[str, str]:
+        """The concepts a caption names, by kind (longest synonym wins: "plus sign" before "plus")."""
+        found: dict[str, str] = {}
+        lowered = f" {text.lower()} "
+        candidates = sorted(
+            ((syn, c) for c in self.concepts for syn in c.synonyms), key=lambda item: -len(item[0])
+        )
+        for syn, concept in candidates:
+            match = re.search(rf"(?<![\w-]){re.escape(syn)}(?![\w-])", lowered)
+            if match and concept.kind not in found:
+                found[concept.kind] = concept.name
+                lowered = lowered[: match.start()] + " " * len(syn) + lowered[match.end() :]
+        return found
+
     def prompts_naming(
         self,
         concept: str,

@@ -1,0 +1,203 @@
+"""Erasure, preservation and alteration, measured with the judge on any ready pipeline.
+
+The functions only call ``pipe(prompt=[...], generator=[...], num_inference_steps=...,
+guidance_scale=..., output_type="np")``, so they work the same with or without membranes loaded,
+and on any stand-in with that call signature.
+
+- **erasure**: share of images from prompts naming an erased concept (held-out templates and
+  synonyms, several seeds) that the judge no longer labels as that concept;
+- **preservation**: the judge's accuracy on the concept named, for prompts about the other
+  concepts (prompts that name no erased concept);
+- **alteration**: mean absolute pixel change in [0, 1], same prompts and seeds, against reference
+  images (typically the same pipeline without membranes).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .judge import Judge
+from .world import ConceptWorld
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    """One image to generate: the prompt, its seed, and the concept the image is checked for."""
+
+    prompt: str
+    seed: int
+    concept: str
+    kind: str
+
+
+@dataclass
+class ConceptMetrics:
+    """The three numbers, per-concept breakdowns, and the images they were computed from."""
+
+    erasure: float
+    preservation: float
+    alteration: float | None
+    erasure_per_concept: dict[str, float] = field(default_factory=dict)
+    preservation_per_concept: dict[str, float] = field(default_factory=dict)
+    erasure_images: np.ndarray | None = field(default=None, repr=False)
+    preservation_images: np.ndarray | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers only (JSON-ready)."""
+        return {
+            "erasure": self.erasure,
+            "preservation": self.preservation,
+            "alteration": self.alteration,
+            "erasure_per_concept": self.erasure_per_concept,
+            "preservation_per_concept": self.preservation_per_concept,
+        }
+
+
+def generate_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> np.ndarray:
+    """Images (N, H, W, 3) in [0, 1], one per (prompt, seed); CPU generators, so any device agrees."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    out = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not progress):
+        chunk = list(prompts[start : start + batch_size])
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        result = pipe(
+            prompt=chunk,
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="np",
+        )
+        out.append(np.asarray(result.images, dtype=np.float32))
+    return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), dtype=np.float32)
+
+
+def concept_cases(
+    world: ConceptWorld,
+    concepts: Sequence[str],
+    prompts_per_concept: int = 8,
+    seeds_per_prompt: int = 2,
+    avoid: Sequence[str] = (),
+    split: str = "heldout",
+    seed: int = 0,
+) -> list[PromptCase]:
+    """Prompts naming each concept (random templates and synonyms of ``split``), each with several seeds.
+
+    The other attributes of each prompt never name a concept in ``avoid``.
+    """
+    rng = np.random.default_rng(seed)
+    cases = []
+    for concept in concepts:
+        kind = world.concept(concept).kind
+        others = [a for a in avoid if a != concept]
+        for caption, _ in world.prompts_naming(concept, prompts_per_concept, rng, split=split, avoid=others):
+            cases.extend(
+                PromptCase(caption.text, int(rng.integers(2**31 - 1)), concept, kind) for _ in range(seeds_per_prompt)
+            )
+    return cases
+
+
+def preserved_concepts(world: ConceptWorld, erased: Sequence[str]) -> list[str]:
+    """Every concept of the world that is not erased."""
+    return [c.name for c in world.concepts if c.name not in erased]
+
+
+def judged_hits(judge: Judge, images: np.ndarray, cases: Sequence[PromptCase]) -> np.ndarray:
+    """Per image: does the judge label it as the case's concept?"""
+    preds = judge.classify(images)
+    return np.array([preds[c.kind][i] == c.concept for i, c in enumerate(cases)], dtype=bool)
+
+
+def _per_concept(values: np.ndarray, cases: Sequence[PromptCase]) -> dict[str, float]:
+    names = sorted({c.concept for c in cases})
+    return {n: float(np.mean([v for v, c in zip(values, cases) if c.concept == n])) for n in names}
+
+
+def alteration(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute pixel change in [0, 1] between images generated at the same prompts and seeds."""
+    if images.shape != reference.shape:
+        raise ValueError(f"shape mismatch: {images.shape} vs {reference.shape}")
+    return float(np.abs(images.astype(np.float32) - reference.astype(np.float32)).mean())
+
+
+def evaluate_concepts(
+    pipe: Any,
+    judge: Judge,
+    world: ConceptWorld,
+    erased: Sequence[str],
+    reference: np.ndarray | None = None,
+    prompts_per_concept: int = 8,
+    seeds_per_prompt: int = 2,
+    preserve_prompts_per_concept: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    progress: bool = False,
+) -> ConceptMetrics:
+    """Erasure on ``erased``, preservation on every other concept, alteration against ``reference``.
+
+    ``reference`` is what :func:`reference_images` returns for the pipeline without membranes (same
+    world, erased list and counts); without it alteration is ``None``.
+    """
+    erase_cases = concept_cases(world, erased, prompts_per_concept, seeds_per_prompt, avoid=erased, seed=seed)
+    keep_cases = preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)
+    kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress)
+    erase_images = generate_images(pipe, [c.prompt for c in erase_cases], [c.seed for c in erase_cases], **kwargs)
+    keep_images = generate_images(pipe, [c.prompt for c in keep_cases], [c.seed for c in keep_cases], **kwargs)
+    erased_flags = ~judged_hits(judge, erase_images, erase_cases)
+    kept_flags = judged_hits(judge, keep_images, keep_cases)
+    return ConceptMetrics(
+        erasure=float(erased_flags.mean()) if len(erased_flags) else float("nan"),
+        preservation=float(kept_flags.mean()) if len(kept_flags) else float("nan"),
+        alteration=None if reference is None else alteration(keep_images, reference),
+        erasure_per_concept=_per_concept(erased_flags, erase_cases),
+        preservation_per_concept=_per_concept(kept_flags, keep_cases),
+        erasure_images=erase_images,
+        preservation_images=keep_images,
+    )
+
+
+def preservation_cases(world: ConceptWorld, erased: Sequence[str], prompts_per_concept: int = 4, seed: int = 0) -> list[PromptCase]:
+    """The non-target prompts: each other concept, one seed per prompt, no erased concept named."""
+    return concept_cases(
+        world, preserved_concepts(world, erased), prompts_per_concept, 1, avoid=erased, seed=seed + 1
+    )
+
+
+def reference_images(
+    pipe: Any,
+    world: ConceptWorld,
+    erased: Sequence[str],
+    preserve_prompts_per_concept: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """The images :func:`evaluate_concepts` compares against for alteration (run it on the base pipeline)."""
+    cases = preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)
+    return generate_images(
+        pipe,
+        [c.prompt for c in cases],
+        [c.seed for c in cases],
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        progress=progress,
+    )

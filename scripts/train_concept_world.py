@@ -4,8 +4,8 @@
     HF_HUB_OFFLINE=1 python scripts/train_concept_world.py --quick --output /tmp/cw   # a smoke run
 
 Stages, all with fixed seeds:
-1. the judge (CNN, shape/colour/texture heads) on fresh renders;
-2. an AutoencoderKL (32x32x3 <-> 8x8x4) on a pool of renders, with an extra judge loss on the
+1. the judge (CNN, shape/colour/texture heads) on a pool of renders, tested on fresh ones;
+2. an AutoencoderKL (32x32x3 <-> 8x8x4) on the same pool, with an extra judge loss on the
    reconstructions so that shape, colour and texture survive the compression;
 3. a CLIPTextModel and a UNet2DConditionModel, trained together from scratch on the encoded pool
    with random training-split captions (10 % empty captions, for classifier-free guidance), EMA;
@@ -36,6 +36,7 @@ from diffusers_spm.concept_world.world import KINDS, ConceptWorld
 logger = logging.getLogger("train_concept_world")
 
 SEED = 20240617
+STATS = "training_stats.json"
 
 
 def render_pool(world: ConceptWorld, n: int, seed: int) -> tuple[np.ndarray, list]:
@@ -186,43 +187,46 @@ def size_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 2**20
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=cw_model.WEIGHTS_DIR)
     parser.add_argument("--quick", action="store_true", help="a few minutes, to check the script end to end")
+    parser.add_argument("--eval-only", action="store_true", help="re-evaluate saved weights and rewrite the model card")
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--judge-steps", type=int, default=1200)
+    parser.add_argument("--judge-steps", type=int, default=800)
     parser.add_argument("--pool", type=int, default=30000)
-    parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--uncond-prob", type=float, default=0.1)
     parser.add_argument("--drop-prob", type=float, default=0.15)
-    parser.add_argument("--unet-channels", type=int, nargs=3, default=(64, 128, 128))
+    parser.add_argument("--unet-channels", type=int, nargs=3, default=(32, 64, 64))
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--eval-steps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     args = parser.parse_args()
     if args.quick:
-        args.judge_steps, args.pool, args.vae_steps, args.steps = 200, 3000, 150, 300
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    world = ConceptWorld()
+        args.judge_steps, args.pool, args.vae_steps, args.steps = 200, 3000, 100, 200
+    return args
+
+
+def train(args: argparse.Namespace, world: ConceptWorld) -> None:
+    """Stages 1-3; writes the weights and training_stats.json."""
     t_start = time.time()
     timings = {}
-
-    judge = train_judge(world, steps=args.judge_steps, seed=args.seed, width=16)
-    test_images, test_labels = make_batch(world, 2000, np.random.default_rng(args.seed + 100))
-    test_targets = [{k: world.names(k)[test_labels[k][i]] for k in KINDS} for i in range(len(test_images))]
+    images, scenes = render_pool(world, args.pool, args.seed + 1)
+    labels = {k: np.array([world.label(k, getattr(s, k)) for s in scenes]) for k in KINDS}
+    judge = train_judge(world, steps=args.judge_steps, seed=args.seed, width=16, pool=(images, labels))
+    test_images, test_targets = judge_test_set(world, args.seed)
     judge_acc = judge_accuracy(judge, test_images, test_targets)
     logger.info("judge held-out accuracy on renders: %s", judge_acc)
     timings["judge"] = time.time() - t_start
 
-    images, scenes = render_pool(world, args.pool, args.seed + 1)
     t0 = time.time()
-    vae = train_vae(images, scenes, world, judge, args.vae_steps, 64, args.seed + 1)
+    vae = train_vae(images, scenes, world, judge, args.vae_steps, args.vae_batch_size, args.seed + 1)
     with torch.no_grad():
         x = torch.from_numpy(test_images[:500]).permute(0, 3, 1, 2)
         recon = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
@@ -248,18 +252,6 @@ def main() -> None:
         module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
     cw_model.make_scheduler().save_pretrained(out / "scheduler")
     judge.save(out / "judge")
-
-    t0 = time.time()
-    pipe = cw_model.load_concept_world_pipeline(directory=out)
-    prompts = heldout_prompts(world, per_combo=2, seed=args.seed + 200)
-    gen_images = generate_images(
-        pipe, [c.text for c in prompts], seeds=list(range(len(prompts))), num_inference_steps=args.eval_steps, guidance_scale=args.guidance_scale
-    )
-    gen_acc = judge_accuracy(judge, gen_images, [c.named() for c in prompts])
-    logger.info("generated images, held-out prompts: %s", gen_acc)
-    timings["eval"] = time.time() - t0
-    timings["total"] = time.time() - t_start
-
     params = {
         name: sum(p.numel() for p in m.parameters())
         for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("judge", judge))
@@ -268,17 +260,73 @@ def main() -> None:
         "judge_heldout_accuracy": judge_acc,
         "vae_reconstruction_l1": vae_l1,
         "vae_reconstruction_judge_accuracy": vae_acc,
-        "generated_heldout_accuracy": gen_acc,
-        "n_generated": len(prompts),
-        "guidance_scale": args.guidance_scale,
-        "num_inference_steps": args.eval_steps,
         "parameters": params,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    (out / "training_stats.json").write_text(json.dumps(stats, indent=2))
+    (out / STATS).write_text(json.dumps(stats, indent=2))
+
+
+def judge_test_set(world: ConceptWorld, seed: int) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """2000 renders the judge never saw, with their labels."""
+    images, labels = make_batch(world, 2000, np.random.default_rng(seed + 100))
+    return images, [{k: world.names(k)[labels[k][i]] for k in KINDS} for i in range(len(images))]
+
+
+def evaluate(args: argparse.Namespace, world: ConceptWorld) -> None:
+    """Stage 4 on the saved (fp16) weights: generated-image accuracy; then the model card."""
+    out = args.output
+    stats = json.loads((out / STATS).read_text())
+    t0 = time.time()
+    judge = Judge.load(out / "judge")
+    pipe = cw_model.load_concept_world_pipeline(directory=out)
+    prompts = heldout_prompts(world, per_combo=2, seed=args.seed + 200)
+    gen_images = generate_images(
+        pipe,
+        [c.text for c in prompts],
+        seeds=list(range(len(prompts))),
+        num_inference_steps=args.eval_steps,
+        guidance_scale=args.guidance_scale,
+        progress=True,
+    )
+    gen_acc = judge_accuracy(judge, gen_images, [c.named() for c in prompts])
+    logger.info("generated images, held-out prompts: %s", gen_acc)
+    save_grid(gen_images[:: max(1, len(gen_images) // 64)][:64], out / "samples.png")
+    stats["timings_s"]["eval"] = round(time.time() - t0, 1)
+    stats["timings_s"]["total"] = round(sum(v for k, v in stats["timings_s"].items() if k != "total"), 1)
+    stats.update(
+        generated_heldout_accuracy=gen_acc,
+        n_generated=len(prompts),
+        guidance_scale=args.guidance_scale,
+        num_inference_steps=args.eval_steps,
+    )
+    (out / STATS).write_text(json.dumps(stats, indent=2))
     write_model_card(out, stats, world, [c.text for c in prompts[:6]])
-    logger.info("wrote %s (%.1f MB) in %.1f min", out, size_mb(out), timings["total"] / 60)
+    logger.info("wrote %s (%.1f MB); training + evaluation %.1f min", out, size_mb(out), stats["timings_s"]["total"] / 60)
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
+    """A PNG grid of samples for the model card."""
+    from PIL import Image
+
+    n = len(images)
+    rows = math.ceil(n / columns)
+    h, w = images.shape[1:3]
+    grid = np.ones((rows * h, columns * w, 3), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    Image.fromarray((grid * 255).round().astype(np.uint8)).resize((columns * w * 2, rows * h * 2), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    world = ConceptWorld()
+    if not args.eval_only:
+        train(args, world)
+    evaluate(args, world)
 
 
 def write_model_card(out: Path, stats: dict, world: ConceptWorld, examples: list[str]) -> None:
@@ -300,8 +348,8 @@ image shows. Load it with `diffusers_spm.concept_world.load_concept_world_pipeli
 
 ## How it was made
 `scripts/train_concept_world.py` (seed {a["seed"]}, {a["threads"]} CPU threads), deterministic:
-1. **Judge**: CNN with three heads, {a["judge_steps"]} steps of 64 fresh renders (light blur/noise augmentation).
-2. **AutoencoderKL** (32x32x3 -> 8x8x4, factor 4): {a["vae_steps"]} steps on a pool of {a["pool"]} renders,
+1. **Judge**: CNN with three heads, {a["judge_steps"]} steps of 64 renders from a pool of {a["pool"]} (light blur/noise augmentation).
+2. **AutoencoderKL** (32x32x3 -> 8x8x4, factor 4): {a["vae_steps"]} steps of batch {a["vae_batch_size"]} on a pool of {a["pool"]} renders,
    L1 + MSE + 1e-6 KL + 0.02 x judge cross-entropy on the reconstructions; `scaling_factor` = 1 / std of the latents.
 3. **CLIPTextModel + UNet2DConditionModel**, from scratch and jointly: {a["steps"]} steps of batch {a["batch_size"]},
    AdamW lr {a["lr"]} (warm-up, cosine to 10 %), epsilon loss with min-SNR-5 weighting, SD's
@@ -325,7 +373,7 @@ tokens that never occur in captions keep their random initialisation. Weights lo
   template/synonym combinations never seen in training), one seed each, DDIM {stats["num_inference_steps"]} steps,
   guidance {stats["guidance_scale"]}: shape {g["shape"]:.1%}, colour {g["colour"]:.1%}, texture {g["texture"]:.1%}, **joint {g["joint"]:.1%}**.
 
-Example held-out prompts: {"; ".join(f"`{e}`" for e in examples)}.
+Example held-out prompts: {"; ".join(f"`{e}`" for e in examples)}. Samples: `samples.png`.
 
 ## Limits
 The world has {len(world.concepts)} concepts and 32x32 images; it is a measuring instrument for erasure, not an

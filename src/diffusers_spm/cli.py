@@ -14,6 +14,8 @@ from typing import Sequence
 
 COMMAND_MODULES = (
     "diffusers_spm.commands",
+    "diffusers_spm.training.cli",
+    "diffusers_spm.evaluation.cli",
 )
 
 

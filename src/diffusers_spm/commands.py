@@ -25,7 +25,7 @@ def convert(source: Path, target: Path, to: str, base: str | None = None) -> Pat
     membrane = read_any(source)
     if to == "reference":
         return membrane.save(target)
-    from diffusers import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from peft import LoraConfig
 
     from .architectures import name_to_path

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -119,3 +119,82 @@ def _download(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> Path:
 def _snapshot(repo_id: str, hub_kwargs: dict[str, Any]) -> str:
     with _hub_errors(repo_id, None):
         return snapshot_download(repo_id, allow_patterns=["*.safetensors"], **hub_kwargs)
+
+
+# ---------------------------------------------------------------------- publishing
+if TYPE_CHECKING:
+    from .membrane import Membrane
+
+
+def membrane_model_card(membrane: "Membrane", evaluation_summary: str | None = None, filename: str = "membrane.safetensors",
+                        repo_id: str | None = None) -> str:
+    """A Hub model card (README.md) for `membrane`: what it erases, on which base, how to use it,
+    how it was trained, and the evaluation table when there is one."""
+    concepts = ", ".join(f"`{c}`" for c in membrane.concepts) or "(not recorded)"
+    base = membrane.base_model or "unknown"
+    source = repo_id or "path/to/membrane-folder"
+    front = ["---", "library_name: diffusers", "tags:", "- stable-diffusion", "- lora", "- concept-erasing",
+             "- spm", "- diffusers-spm"]
+    if membrane.base_model:
+        front.append(f"base_model: {membrane.base_model}")
+    front.append("---")
+    lines = [
+        *front,
+        "",
+        f"# SPM membrane: erase {concepts}",
+        "",
+        "A concept-erasing rank-{} *Semi-Permeable Membrane* ([SPM](https://github.com/Con6924/SPM), CVPR 2024) "
+        "trained with diffusers-spm. It adapts every Linear/Conv2d layer inside the UNet's "
+        "transformer blocks; Facilitated Transport applies it only to prompts near the erased concept.".format(membrane.rank),
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Erased concept(s) | {concepts} |",
+        f"| Surrogate (neutral) | {('`' + membrane.surrogate + '`') if membrane.surrogate else 'empty prompt'} |",
+        f"| Base model | `{base}` |",
+        f"| Architecture | {membrane.architecture or 'unknown'} |",
+        f"| Rank / alpha | {membrane.rank} / {membrane.alpha:g} |",
+        f"| Adapted layers | {len(membrane.modules)} ({membrane.num_parameters():,} parameters) |",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "from diffusers_spm import add_spm_support",
+        "",
+        f'pipe = add_spm_support(DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda"))',
+        f'pipe.load_spm("{source}", weight_name="{filename}")',
+        f'image = pipe("a photo of {membrane.concepts[0] if membrane.concepts else "..."}").images[0]',
+        "```",
+        "",
+        "The file is in the reference (kohya) LoRA layout, so SD-WebUI and `pipe.load_lora_weights(...)` also read "
+        "it, as a plain LoRA without Facilitated Transport.",
+    ]
+    if membrane.training_config is not None:
+        lines += ["", "## Training configuration", "", "```json", json.dumps(membrane.training_config, indent=2), "```"]
+    if evaluation_summary:
+        lines += ["", "## Evaluation", "", evaluation_summary.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def push_membrane(path: str | Path, repo_id: str, evaluation_summary: str | None = None, private: bool = False,
+                  token: str | None = None, commit_message: str | None = None) -> str:
+    """Create `repo_id` (if needed) and upload the membrane file and its generated model card.
+
+    Returns the repo URL.
+    """
+    from huggingface_hub import HfApi
+
+    from .membrane import Membrane
+
+    path = Path(path)
+    membrane = Membrane.from_file(path)
+    card = membrane_model_card(membrane, evaluation_summary, filename=path.name, repo_id=repo_id)
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    message = commit_message or f"Upload SPM membrane ({', '.join(membrane.concepts)})"
+    api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, commit_message=message)
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id, commit_message=message)
+    logger.info("Uploaded %s and its model card to %s.", path.name, repo_id)
+    return str(url)

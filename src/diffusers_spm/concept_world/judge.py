@@ -126,8 +126,9 @@ def train_judge(
     lr: float = 2e-3,
     seed: int = 0,
     width: int = 32,
+    pool: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
 ) -> Judge:
-    """Train a judge on fresh renders (every batch is new, so there is nothing to overfit)."""
+    """Train a judge on fresh renders, or on a pre-rendered ``pool`` (images, labels) to save time."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -136,7 +137,11 @@ def train_judge(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     judge.train()
     for _ in tqdm(range(steps), desc="judge", mininterval=5):
-        images, labels = make_batch(world, batch_size, rng)
+        if pool is None:
+            images, labels = make_batch(world, batch_size, rng)
+        else:
+            idx = rng.integers(len(pool[0]), size=batch_size)
+            images, labels = pool[0][idx], {k: v[idx] for k, v in pool[1].items()}
         x = _augment(torch.from_numpy(images).permute(0, 3, 1, 2), gen)
         logits = judge(x)
         loss = sum(F.cross_entropy(logits[k], torch.from_numpy(labels[k])) for k in KINDS)
@@ -144,6 +149,7 @@ def train_judge(
         loss.backward()
         opt.step()
         sched.step()
+    logger.info("judge trained: %d steps, last loss %.4f", steps, loss.item())
     return judge.eval()
 
 

@@ -163,7 +163,7 @@ def evaluate_concepts(
     keep_images = generate_images(pipe, [c.prompt for c in keep_cases], [c.seed for c in keep_cases], **kwargs)
     erased_flags = ~judged_hits(judge, erase_images, erase_cases)
     kept_flags = judged_hits(judge, keep_images, keep_cases)
-    return ConceptMetrics(
+    result = ConceptMetrics(
         erasure=float(erased_flags.mean()) if len(erased_flags) else float("nan"),
         preservation=float(kept_flags.mean()) if len(kept_flags) else float("nan"),
         alteration=None if reference is None else alteration(keep_images, reference),
@@ -172,6 +172,11 @@ def evaluate_concepts(
         erasure_images=erase_images,
         preservation_images=keep_images,
     )
+    logger.info(
+        "erased %s: erasure %.3f, preservation %.3f, alteration %s",
+        ", ".join(erased), result.erasure, result.preservation, result.alteration,
+    )
+    return result
 
 
 def preservation_cases(world: ConceptWorld, erased: Sequence[str], prompts_per_concept: int = 4, seed: int = 0) -> list[PromptCase]:

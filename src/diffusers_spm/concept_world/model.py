@@ -32,7 +32,6 @@ SCHEDULER_CONFIG = dict(
     beta_end=0.012,
     beta_schedule="scaled_linear",
     clip_sample=False,
-    set_alpha_to_one=False,
     steps_offset=1,
     prediction_type="epsilon",
 )
@@ -71,7 +70,7 @@ def make_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def make_unet(block_out_channels: tuple[int, ...] = (64, 128, 128)) -> UNet2DConditionModel:
+def make_unet(block_out_channels: tuple[int, ...] = (32, 64, 64)) -> UNet2DConditionModel:
     """An SD-1.x-shaped UNet on 8x8x4 latents with cross-attention in down and up blocks."""
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
@@ -99,7 +98,7 @@ def make_train_scheduler() -> DDPMScheduler:
 
 def make_scheduler() -> DDIMScheduler:
     """The sampler the shipped pipeline uses."""
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    return DDIMScheduler(**SCHEDULER_CONFIG, set_alpha_to_one=False)
 
 
 def assemble_pipeline(
@@ -148,4 +147,5 @@ def load_concept_world_pipeline(
     scheduler = DDIMScheduler.from_pretrained(directory / "scheduler", local_files_only=True)
     pipe = assemble_pipeline(unet, vae, text_encoder, scheduler)
     pipe.set_progress_bar_config(disable=True)
+    logger.debug("loaded the concept-world pipeline from %s as %s", directory, dtype)
     return pipe.to(device or "cpu")

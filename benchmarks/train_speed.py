@@ -1,0 +1,139 @@
+"""Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`).
+
+Runs the same seeded iterations in both forms on (1) the tiny test pipeline and (2) a UNet of
+SD-1.5 size (`UNet2DConditionModel()` defaults, random weights, 768-wide text) at a small latent
+size, and prints one table. Peak memory is the peak RSS above the RSS at the start of each
+iteration (CPU, sampled every 2 ms) or `torch.cuda.max_memory_allocated` (GPU).
+
+    python benchmarks/train_speed.py                 # CPU defaults, a few minutes on 2 cores
+    python benchmarks/train_speed.py --device cuda --sd15-iterations 20 --sd15-latent 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import tiny_components, tiny_pipeline  # noqa: E402
+
+from diffusers_spm.training import TrainingConfig  # noqa: E402
+from diffusers_spm.training.trainer import MembraneTrainer  # noqa: E402
+
+
+def sd15_pipeline():
+    """An SD-1.5-sized UNet with random weights, and a one-layer 768-wide text encoder (its cost
+    does not matter: prompts are encoded once)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    components = tiny_components()
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel()
+    components["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=768, intermediate_size=64,
+        num_attention_heads=4, num_hidden_layers=1, vocab_size=49408, max_position_embeddings=77))
+    pipe = StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class PeakRSS:
+    """Peak resident memory above a baseline, sampled from /proc in a thread (Linux)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps: int) -> dict[bool, dict[str, float]]:
+    """Iterations/s and peak memory of each form, same seed, same pipeline weights."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batched in (True, False):
+            pipe = pipe_factory()
+            resolution = latent * pipe.vae_scale_factor
+            config = TrainingConfig.from_dict({
+                "pretrained_model": {"name_or_path": "benchmark"},
+                "concepts": [{"target": "snoopy", "action": "erase_with_la", "resolution": resolution,
+                              "la_strength": 1000.0, "sampling_batch_size": 4}],
+                "train": {"iterations": iterations + 1, "optimizer_type": "AdamW", "lr_warmup_steps": 0,
+                          "max_denoising_steps": denoising_steps, "batch_unet_calls": batched, "device": device},
+                "save": {"path": tmp},
+            })
+            trainer = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
+            trainer.step()  # warm-up, not timed
+            seconds, peak = 0.0, 0
+            for _ in range(iterations):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                with PeakRSS() as rss:
+                    start = time.perf_counter()
+                    trainer.step()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    seconds += time.perf_counter() - start
+                used = torch.cuda.max_memory_allocated() - base if device == "cuda" else rss.peak - rss.base
+                peak = max(peak, used)
+            trainer.close()
+            results[batched] = {"its": iterations / seconds, "peak_mb": peak / 2**20}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--denoising-steps", type=int, default=30, help="train.max_denoising_steps (reference: 30)")
+    parser.add_argument("--tiny-iterations", type=int, default=12)
+    parser.add_argument("--sd15-iterations", type=int, default=3)
+    parser.add_argument("--sd15-latent", type=int, default=8, help="latent side (8 = 64 px for SD)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = [("tiny (test UNet), 16x16 latent", run(tiny_pipeline, 16, args.tiny_iterations, args.device,
+                                                    args.denoising_steps))]
+    if args.sd15_iterations:
+        rows.append((f"SD-1.5-size UNet, {args.sd15_latent}x{args.sd15_latent} latent",
+                     run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps)))
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+    print(f"\nDevice: {device}; erase_with_la, 4 anchors, max_denoising_steps={args.denoising_steps}\n")
+    print("| model | unbatched it/s | batched it/s | speed-up | unbatched peak MB | batched peak MB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r[False]['its']:.3f} | {r[True]['its']:.3f} | {r[True]['its'] / r[False]['its']:.2f}x "
+              f"| {r[False]['peak_mb']:.0f} | {r[True]['peak_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The paper's evaluation protocol: tasks, metrics, resumable data-parallel generation and reports.
+
+    from diffusers_spm.evaluation import Condition, build_task, evaluate
+    task = build_task("general", concepts=["snoopy"], clip_model="openai/clip-vit-base-patch32")
+    evaluate(pipe, task, [Condition("base"), Condition("spm", ("snoopy.safetensors",))], "outputs/eval")
+"""
+
+from .conditions import COMPARE_CHOICES, Condition, build_conditions, load_base_pipeline
+from .generation import GenerationSettings, GenerationStats, generate_images
+from .metrics import AlterationMetric, ClipMetric, FidKidMetric, Metric, NudityMetric, Sample
+from .prompts import IMAGENET_TEMPLATES, PromptJob, read_i2p_from_hub, read_prompt_csv, template_jobs
+from .runner import EvaluationResult, evaluate
+from .tasks import TASKS, Task, build_task
+
+__all__ = [
+    "COMPARE_CHOICES",
+    "IMAGENET_TEMPLATES",
+    "TASKS",
+    "AlterationMetric",
+    "ClipMetric",
+    "Condition",
+    "EvaluationResult",
+    "FidKidMetric",
+    "GenerationSettings",
+    "GenerationStats",
+    "Metric",
+    "NudityMetric",
+    "PromptJob",
+    "Sample",
+    "Task",
+    "build_conditions",
+    "build_task",
+    "evaluate",
+    "generate_images",
+    "load_base_pipeline",
+    "read_i2p_from_hub",
+    "read_prompt_csv",
+    "template_jobs",
+]

@@ -1,0 +1,144 @@
+"""The compared conditions: the base model, each membrane set with and without Facilitated Transport,
+the same files as a plain LoRA, and SLD. All are applied to one loaded pipeline, and removed after."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..hub import resolve_membrane
+from ..pipeline import add_spm_support
+
+logger = logging.getLogger(__name__)
+
+COMPARE_CHOICES = ("base", "spm", "spm-no-transport", "lora", "sld")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# SLD as the reference evaluates it (diffusers' SafetyConfig.STRONG).
+SLD_STRONG = {
+    "sld_guidance_scale": 2000,
+    "sld_warmup_steps": 7,
+    "sld_threshold": 0.025,
+    "sld_momentum_scale": 0.5,
+    "sld_mom_beta": 0.7,
+}
+
+Kind = Literal["base", "spm", "spm-no-transport", "lora", "sld"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One way of generating; `membranes` is one membrane set (paths, Hub ids or registry short names)."""
+
+    kind: Kind
+    membranes: tuple[str, ...] = ()
+    scale: float = 1.0
+    transport_metric: str = "clipcos_tokenuni"
+    power: float = 2.0
+    sld_concept: str | None = None
+
+    @property
+    def name(self) -> str:
+        if not self.membranes:
+            return self.kind
+        return f"{self.kind}[{'+'.join(membrane_label(m) for m in self.membranes)}]"
+
+    @property
+    def slug(self) -> str:
+        """The condition's image folder name."""
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", self.name).strip("_")
+
+    @contextmanager
+    def applied(self, pipe: DiffusionPipeline) -> Iterator[tuple[DiffusionPipeline, dict[str, Any]]]:
+        """The pipeline to generate with and extra call arguments; `pipe` is restored on exit."""
+        if self.kind == "base":
+            yield pipe, {}
+        elif self.kind in ("spm", "spm-no-transport"):
+            pipe = add_spm_support(pipe)
+            names = [f"eval{i}" for i in range(len(self.membranes))]
+            try:
+                for membrane, name in zip(self.membranes, names):
+                    pipe.load_spm(membrane, adapter_name=name)
+                pipe.set_spm_scale(self.scale)
+                pipe.set_spm_transport(self.kind == "spm", metric=self.transport_metric, power=self.power)
+                yield pipe, {}
+            finally:
+                pipe.unload_spm()
+        elif self.kind == "lora":
+            names = [f"eval{i}" for i in range(len(self.membranes))]
+            try:
+                for membrane, name in zip(self.membranes, names):
+                    pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=name)
+                pipe.set_adapters(names, adapter_weights=[self.scale] * len(names))
+                yield pipe, {}
+            finally:
+                pipe.unload_lora_weights()
+        else:
+            yield sld_pipeline(pipe, self.sld_concept), dict(SLD_STRONG)
+
+
+def membrane_label(membrane: str) -> str:
+    """A short name for a membrane in tables and folder names: a file's stem, else the id itself."""
+    path = Path(membrane)
+    return path.stem if path.suffix else path.name
+
+
+def sld_pipeline(pipe: DiffusionPipeline, concept: str | None) -> DiffusionPipeline:
+    """diffusers' `StableDiffusionPipelineSafe` over the same modules (no copy of the weights)."""
+    from diffusers import StableDiffusionPipelineSafe
+
+    accepted = inspect.signature(StableDiffusionPipelineSafe.__init__).parameters
+    components = {k: v for k, v in pipe.components.items() if k in accepted}
+    components.update(safety_checker=None, requires_safety_checker=False)
+    safe = StableDiffusionPipelineSafe(**components)
+    safe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    if concept:
+        safe.safety_concept = concept
+    return safe
+
+
+def build_conditions(
+    membrane_sets: Sequence[Sequence[str]],
+    compare: Sequence[str] = ("base", "spm", "spm-no-transport"),
+    scale: float = 1.0,
+    transport_metric: str = "clipcos_tokenuni",
+    power: float = 2.0,
+    sld_concept: str | None = None,
+    needs_base: bool = False,
+) -> list[Condition]:
+    """Every requested kind, the membrane kinds once per membrane set; `base` first when a task needs it."""
+    unknown = set(compare) - set(COMPARE_CHOICES)
+    if unknown:
+        raise ValueError(f"Unknown --compare {sorted(unknown)}; choose from {', '.join(COMPARE_CHOICES)}.")
+    kinds = list(dict.fromkeys(["base", *compare] if needs_base else compare))
+    if any(k in ("spm", "spm-no-transport", "lora") for k in kinds) and not membrane_sets:
+        raise ValueError("Membrane conditions need at least one `--spm`.")
+    conditions: list[Condition] = []
+    for kind in kinds:
+        if kind in ("base", "sld"):
+            conditions.append(Condition(kind, sld_concept=sld_concept if kind == "sld" else None))
+        else:
+            conditions += [Condition(kind, tuple(s), scale, transport_metric, power) for s in membrane_sets]
+    return conditions
+
+
+def load_base_pipeline(base: str, dtype: str = "fp32", device: str | None = None) -> DiffusionPipeline:
+    """A diffusers text-to-image pipeline with SPM support, on this process's device (accelerate's)."""
+    from accelerate import PartialState
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    pipe = DiffusionPipeline.from_pretrained(
+        base, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False
+    )
+    pipe = add_spm_support(pipe.to(device or PartialState().device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,6 @@
+"""Training SPM membranes: data-free concept erasing with Latent Anchoring (DESIGN.md §1)."""
+
+from .config import ConceptConfig, TrainingConfig
+from .trainer import MembraneTrainer, train_membrane
+
+__all__ = ["ConceptConfig", "MembraneTrainer", "TrainingConfig", "train_membrane"]

@@ -1,0 +1,493 @@
+"""The SPM training loop (DESIGN.md §1), one trainer for SD 1.x, 2.x and XL.
+
+One iteration, for a concept drawn at random:
+1. draw `k` in [1, T); denoise fresh noise for `k` DDIM steps with the membrane on (CFG on the
+   target), giving `x_t`; the loss timestep is the 1000-step schedule's entry `k * 1000 / T`;
+2. without the membrane: `eps(x_t, positive)`, `eps(x_t, neutral)` and, with Latent Anchoring,
+   `eps(x_t, anchor)` for each anchor;
+3. with the membrane: `eps'(x_t, target)` and `eps'(x_t, anchor)`; losses in `losses.py`.
+
+With `batch_unet_calls` the calls of step 2 share one forward and those of step 3 another, with
+one backward, and conditional-only rows (the reference runs each guidance-1 call as a CFG pair and
+keeps the conditional half). Without it, the reference's calls run one by one, in its order.
+Every random draw comes from one generator whose state is checkpointed, so both forms and a
+resumed run see the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from tqdm.auto import tqdm
+
+from ..membrane import Membrane, MembraneModule
+from ..model import CallGates, MembraneController, architecture_of
+from ..transport import TransportConfig
+from .anchors import sample_anchor_embeddings
+from .conditioning import TEMPLATES, Conditioning, PromptEncoder, sdxl_time_ids
+from .config import ConceptConfig, TrainingConfig, torch_dtype
+from .losses import spm_losses, to_epsilon
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "spm_training"
+Callback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Plan:
+    """Everything random about one iteration, drawn before any UNet call."""
+
+    concept: int
+    steps: int  # k: DDIM steps of the partial denoising
+    latents: torch.Tensor
+    target: Conditioning
+    time_ids: torch.Tensor | None
+    anchors: Conditioning | None
+
+
+class MembraneTrainer:
+    """Trains one membrane on `concepts` with the UNet of `pipe` (left as it was by `close`)."""
+
+    def __init__(self, config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[ConceptConfig],
+                 device: torch.device) -> None:
+        self.config, self.pipe, self.concepts, self.device = config, pipe, concepts, device
+        self.dtype = torch_dtype(config.train.precision)
+        self.unet = pipe.unet
+        self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.step_count = 0
+
+        for module in (self.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.to(device).requires_grad_(False).eval()
+                if module.dtype != self.dtype:
+                    module.to(self.dtype)
+        self._checkpointing = config.train.gradient_checkpointing and not self.unet.is_gradient_checkpointing
+        if self._checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+        self.controller = self._attach_membrane()
+        self.params = [p for _, bank in self.controller.banks() for p in (bank.down, bank.up)]
+        for param in self.params:
+            param.requires_grad_(True)
+        self.optimizer = self._optimizer()
+        self.lr_scheduler = get_scheduler(
+            config.train.lr_scheduler, self.optimizer, num_warmup_steps=config.train.lr_warmup_steps,
+            num_training_steps=config.train.iterations, num_cycles=config.train.lr_scheduler_num_cycles,
+            power=config.train.lr_scheduler_power,
+        )
+
+        self.prediction_type = "v_prediction" if config.pretrained_model.v_pred else pipe.scheduler.config.get(
+            "prediction_type", "epsilon")
+        self.scheduler = self._ddim()
+        self.scheduler.set_timesteps(config.train.max_denoising_steps, device=device)
+        loss_schedule = self._ddim()
+        loss_schedule.set_timesteps(loss_schedule.config.num_train_timesteps)
+        self.loss_timesteps = loss_schedule.timesteps
+        rescale = config.train.denoise_guidance_rescale
+        self.guidance_rescale = (0.7 if self.is_xl else 0.0) if rescale is None else rescale
+
+        self.encode = PromptEncoder(pipe, device, config.pretrained_model.clip_skip)
+        self.vae_scale = getattr(pipe, "vae_scale_factor", 8)
+
+    # ------------------------------------------------------------------ setup
+    def _ddim(self) -> DDIMScheduler:
+        """The reference's DDIM (default spacing and offsets) with the base model's betas."""
+        base = self.pipe.scheduler.config
+        return DDIMScheduler(
+            num_train_timesteps=base.get("num_train_timesteps", 1000), beta_start=base.get("beta_start", 0.00085),
+            beta_end=base.get("beta_end", 0.012), beta_schedule=base.get("beta_schedule", "scaled_linear"),
+            clip_sample=False, prediction_type=self.prediction_type,
+        )
+
+    def _attach_membrane(self) -> MembraneController:
+        controller = MembraneController.of(self.unet, create=True)
+        if controller.adapters:
+            raise ValueError(
+                f"The UNet already carries membranes {controller.names}; unload them (`pipe.unload_spm()`) "
+                "before training, or they would act during training."
+            )
+        controller.transport = TransportConfig(enabled=False)
+        controller.enabled = True
+        rank, alpha = self.config.network.rank, self.config.network.alpha
+        modules = {}
+        for name, (_, base) in controller.targets.items():
+            if isinstance(base, torch.nn.Conv2d):
+                down = torch.empty(rank, base.in_channels, *base.kernel_size)
+                up = torch.zeros(base.out_channels, rank, 1, 1)
+            else:
+                down = torch.empty(rank, base.in_features)
+                up = torch.zeros(base.out_features, rank)
+            # As kohya/the reference: Kaiming-uniform down, zero up, so training starts at the base model.
+            torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=self.generator)
+            modules[name] = MembraneModule(down=down, up=up, alpha=alpha)
+        neutrals = {c.neutral for c in self.concepts}
+        membrane = Membrane(
+            modules=modules, concepts=[c.target for c in self.concepts],
+            surrogate=neutrals.pop() if len(neutrals) == 1 and "" not in neutrals else None,
+            base_model=self.config.pretrained_model.name_or_path, architecture=architecture_of(self.unet),
+            training_config=self.config.model_copy(update={"concepts": self.concepts}).model_dump(mode="json"),
+        )
+        try:
+            controller.add(ADAPTER, membrane, dtype=torch.float32)
+        except BaseException:
+            controller.detach()
+            raise
+        return controller
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        train = self.config.train
+        if train.optimizer_type == "AdamW8bit":
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(self.params, lr=train.lr, **train.optimizer_args)
+            except ImportError:
+                logger.warning("AdamW8bit needs bitsandbytes (`pip install diffusers-spm[train]`); using AdamW.")
+        return torch.optim.AdamW(self.params, lr=train.lr, **train.optimizer_args)
+
+    # ------------------------------------------------------------------ membrane switch
+    @contextlib.contextmanager
+    def membrane(self, on: bool) -> Iterator[None]:
+        previous = self.controller.enabled
+        self.controller.enabled = on
+        self.controller.changed()
+        try:
+            yield
+        finally:
+            self.controller.enabled = previous
+            self.controller.changed()
+
+    # ------------------------------------------------------------------ one iteration
+    def plan(self) -> Plan:
+        """Draw the iteration's concept, depth, size, noise and anchors (the only random numbers)."""
+        gen = self.generator
+        index = int(torch.randint(0, len(self.concepts), (), generator=gen))
+        concept = self.concepts[index]
+        steps = int(torch.randint(1, self.config.train.max_denoising_steps, (), generator=gen))
+        height = width = concept.resolution
+        if concept.dynamic_resolution:
+            height, width = _bucket(concept.resolution, gen), _bucket(concept.resolution, gen)
+        channels = self.unet.config.in_channels
+        noise = torch.randn(concept.batch_size, channels, height // self.vae_scale, width // self.vae_scale, generator=gen)
+        latents = (noise * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+        time_ids = sdxl_time_ids(height, width, concept.dynamic_crops, gen) if self.is_xl else None
+        prompt = concept.target
+        if concept.use_template:
+            prompt = TEMPLATES[int(torch.randint(0, len(TEMPLATES), (), generator=gen))].format(concept.target)
+        target = self.encode(prompt)
+        anchors = None
+        if concept.action == "erase_with_la":
+            text = sample_anchor_embeddings(target.text, concept.sampling_batch_size, gen)
+            pooled = None
+            if target.pooled is not None:
+                pooled = sample_anchor_embeddings(target.pooled, concept.sampling_batch_size, gen)
+            anchors = Conditioning(text, pooled)
+        if time_ids is not None:
+            time_ids = time_ids.to(self.device, self.dtype)
+        return Plan(index, steps, latents, target, time_ids, anchors)
+
+    def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, time_ids: torch.Tensor | None
+              ) -> torch.Tensor:
+        cond = cond.with_time_ids(time_ids)
+        return self.unet(self.scheduler.scale_model_input(latents, timestep), timestep, **cond.unet_kwargs()).sample
+
+    @torch.no_grad()
+    def denoise(self, plan: Plan) -> torch.Tensor:
+        """`k` DDIM steps with the membrane on and CFG on the target; the membrane is merged into the
+        weights for the loop (it does not change within it)."""
+        concept = self.concepts[plan.concept]
+        batch = concept.batch_size
+        cond = Conditioning.cat([self.encode(concept.unconditional).repeat(batch), plan.target.repeat(batch)])
+        scale = self.config.train.denoise_guidance_scale
+        latents = plan.latents
+        with self.membrane(True), self.controller.pipeline_call(CallGates(None, None, 1)):
+            for timestep in self.scheduler.timesteps[: plan.steps]:
+                uncond, text = self._unet(torch.cat([latents, latents]), timestep, cond, plan.time_ids).chunk(2)
+                guided = uncond + scale * (text - uncond)
+                if self.guidance_rescale > 0:
+                    guided = rescale_noise_cfg(guided, text, guidance_rescale=self.guidance_rescale)
+                latents = self.scheduler.step(guided, timestep, latents).prev_sample
+        return latents
+
+    def losses(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
+        """Steps 2-3: the UNet calls at the loss timestep, the losses, and (by default) their backward."""
+        concept = self.concepts[plan.concept]
+        timestep = self.loss_timesteps[int(plan.steps * len(self.loss_timesteps) / self.config.train.max_denoising_steps)]
+        alpha_prod = self.scheduler.alphas_cumprod[int(timestep)]
+        batch = concept.batch_size
+        positive = self.encode(concept.positive).repeat(batch)
+        neutral = self.encode(concept.neutral).repeat(batch)
+        target = plan.target.repeat(batch)
+        anchored = plan.anchors is not None
+        anchor_latents = latents.repeat(concept.sampling_batch_size // batch, 1, 1, 1)
+        timestep = timestep.to(self.device)
+
+        def eps(rows_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            return to_epsilon(self._unet(rows_latents, timestep, cond, plan.time_ids), rows_latents, alpha_prod,
+                              self.prediction_type)
+
+        if self.config.train.batch_unet_calls:
+            off_rows = [positive, neutral] + ([plan.anchors] if anchored else [])
+            off_latents = [latents, latents] + ([anchor_latents] if anchored else [])
+            with torch.no_grad(), self.membrane(False):
+                off = eps(torch.cat(off_latents), Conditioning.cat(off_rows)).split([len(r) for r in off_rows])
+            on_rows = [target] + ([plan.anchors] if anchored else [])
+            with self.membrane(True):
+                on = eps(torch.cat([latents] + ([anchor_latents] if anchored else [])), Conditioning.cat(on_rows))
+            on = on.split([len(r) for r in on_rows])
+            outputs = (on[0], off[0], off[1], on[1] if anchored else None, off[2] if anchored else None)
+        else:
+            uncond = self.encode(concept.unconditional)
+
+            def reference_call(rows_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+                """The reference's `predict_noise(..., guidance_scale=1)`: a CFG pair, guided at 1."""
+                pair = Conditioning.cat([uncond.repeat(len(cond)), cond])
+                eps_uncond, eps_text = eps(torch.cat([rows_latents, rows_latents]), pair).chunk(2)
+                return eps_uncond + 1.0 * (eps_text - eps_uncond)
+
+            with torch.no_grad(), self.membrane(False):
+                eps_positive = reference_call(latents, positive)
+                eps_neutral = reference_call(latents, neutral)
+            with self.membrane(True):
+                eps_target = reference_call(latents, target)
+                anchor_with = reference_call(anchor_latents, plan.anchors) if anchored else None
+            anchor_without = None
+            if anchored:
+                with torch.no_grad(), self.membrane(False):
+                    anchor_without = reference_call(anchor_latents, plan.anchors)
+            outputs = (eps_target, eps_positive, eps_neutral, anchor_with, anchor_without)
+
+        eta = concept.guidance_scale if self.config.train.eta is None else self.config.train.eta
+        losses = spm_losses(*outputs[:3], eta=eta, anchor_with=outputs[3], anchor_without=outputs[4],
+                            la_strength=concept.la_strength)
+        if backward:
+            with self.membrane(True):  # gradient checkpointing recomputes the forward during backward
+                losses["loss"].backward()
+        return losses
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step; returns the loss terms and the learning rate."""
+        plan = self.plan()
+        latents = self.denoise(plan)
+        losses = self.losses(plan, latents)
+        if self.config.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.controller.changed()
+        self.step_count += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return values
+
+    # ------------------------------------------------------------------ state
+    def membrane_weights(self) -> Membrane:
+        return self.controller.membrane(ADAPTER)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_count,
+            "membrane": {name: (bank.down.detach().clone(), bank.up.detach().clone())
+                         for name, (_, base) in self.controller.targets.items()
+                         if (bank := getattr(base, "spm_membranes", None)) is not None},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": self.config.model_dump_json(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config.model_dump_json():
+            logger.warning("Resuming with a config that differs from the checkpoint's; the run will not match "
+                           "an uninterrupted one.")
+        with torch.no_grad():
+            for name, (_, base) in self.controller.targets.items():
+                bank = getattr(base, "spm_membranes", None)
+                if bank is not None:
+                    down, up = state["membrane"][name]
+                    bank.down.copy_(down)
+                    bank.up.copy_(up)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step"])
+        self.controller.changed()
+
+    def close(self) -> None:
+        """Take the membrane out of the UNet and undo what training set up."""
+        for param in self.params:
+            param.requires_grad_(False)
+        self.controller.remove(ADAPTER)
+        if not self.controller.adapters:
+            self.controller.detach()
+        if self._checkpointing:
+            self.unet.disable_gradient_checkpointing()
+
+
+def _bucket(resolution: int, generator: torch.Generator) -> int:
+    """The reference's dynamic resolution: a multiple of 64 in [resolution/2, resolution) (of 8 when
+    the resolution is too small for 64)."""
+    step = 64 if resolution >= 128 else 8
+    low, high = (resolution // 2) // step, resolution // step
+    return int(torch.randint(low, max(high, low + 1), (), generator=generator)) * step
+
+
+# ---------------------------------------------------------------------- runs
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "concept"
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(config: TrainingConfig, run_name: str) -> Path:
+    return Path(config.save.path) / f"{run_name}.checkpoint.pt"
+
+
+def load_pipeline(config: TrainingConfig) -> DiffusionPipeline:
+    """The base model as a diffusers pipeline (SD 1.x/2.x or XL, from a folder or the Hub)."""
+    return DiffusionPipeline.from_pretrained(config.pretrained_model.name_or_path,
+                                             torch_dtype=torch_dtype(config.train.precision))
+
+
+class _Tracker:
+    """accelerate's trackers (tensorboard, wandb) when asked for; a no-op otherwise."""
+
+    def __init__(self, config: TrainingConfig, run_name: str, main: bool) -> None:
+        self.accelerator = None
+        if config.logging.tracker == "none" or not main:
+            return
+        from accelerate import Accelerator
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[config.logging.tracker]
+        if not available():
+            raise ImportError(f"logging.tracker={config.logging.tracker!r} needs the {config.logging.tracker} package "
+                              "(`pip install diffusers-spm[train]`), or set logging.tracker=none.")
+        self.accelerator = Accelerator(log_with=config.logging.tracker, project_dir=config.save.path)
+        self.accelerator.init_trackers(config.logging.run_name or run_name, config=_flat(config.model_dump(mode="json")))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.accelerator is not None:
+            self.accelerator.log(values, step=step)
+
+    def log_images(self, images: dict[str, list], step: int) -> None:
+        if self.accelerator is None:
+            return
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            tracker.log_images({k: np.stack([np.asarray(i) for i in v]) for k, v in images.items()}, step=step)
+
+    def close(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _samples(trainer: MembraneTrainer, config: TrainingConfig, run_name: str, step: int, tracker: _Tracker) -> None:
+    """Images of `logging.prompts` with the membrane on, saved as PNGs and sent to the tracker."""
+    log = config.logging
+    out = Path(config.save.path) / "samples" / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+    with trainer.membrane(True):
+        for index, prompt in enumerate(log.prompts):
+            generator = torch.Generator(trainer.device).manual_seed(log.seed) if log.seed is not None else None
+            result = trainer.pipe(prompt, negative_prompt=log.negative_prompt or None, width=log.width,
+                                  height=log.height, num_inference_steps=log.num_inference_steps,
+                                  guidance_scale=log.guidance_scale, num_images_per_prompt=log.generate_num,
+                                  generator=generator).images
+            for j, image in enumerate(result):
+                image.save(out / f"step{step:06d}_{index:02d}_{j}.png")
+            images[f"sample/{_slug(prompt) or 'empty'}"] = result
+    tracker.log_images(images, step)
+
+
+def train_one(config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[ConceptConfig], run_name: str,
+              device: torch.device, resume: bool = False, callback: Callback | None = None,
+              main_process: bool = True) -> Membrane:
+    """Train, checkpoint and save one membrane; returns it (also written as `<run_name>_last.safetensors`)."""
+    save_dir = Path(config.save.path)
+    save_dtype = torch_dtype(config.save.precision)
+    trainer = MembraneTrainer(config, pipe, concepts, device)
+    tracker = _Tracker(config, run_name, main_process)
+    try:
+        ckpt = checkpoint_path(config, run_name)
+        if resume and ckpt.is_file():
+            trainer.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+            logger.info("Resumed %s from step %d.", run_name, trainer.step_count)
+        elif resume:
+            logger.warning("No checkpoint at %s; starting from step 0.", ckpt)
+        iterations = config.train.iterations
+        bar = tqdm(total=iterations, initial=trainer.step_count, desc=run_name, disable=not main_process)
+        while trainer.step_count < iterations:
+            values = trainer.step()
+            step = trainer.step_count
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3e}" for k, v in values.items()})
+            tracker.log(values, step)
+            if callback is not None:
+                callback(step, values)
+            if step % config.save.per_steps == 0 and step < iterations:
+                trainer.membrane_weights().save(save_dir / f"{run_name}_{step}steps.safetensors", dtype=save_dtype)
+                _atomic_torch_save(trainer.state_dict(), ckpt)
+            if config.logging.interval and config.logging.prompts and (step % config.logging.interval == 0
+                                                                       or step == iterations):
+                _samples(trainer, config, run_name, step, tracker)
+        bar.close()
+        membrane = trainer.membrane_weights()
+        membrane.save(save_dir / f"{run_name}_last.safetensors", dtype=save_dtype)
+        return membrane
+    finally:
+        tracker.close()
+        trainer.close()
+
+
+def train_membrane(config: TrainingConfig, pipeline: DiffusionPipeline | None = None, resume: bool = False,
+                   callback: Callback | None = None) -> Membrane | list[Membrane]:
+    """Train what `config` asks for: one membrane for all concepts, or (`save.per_concept`) one per
+    concept, split across processes under `accelerate launch`. Returns the membrane(s) this process made."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = torch.device(config.train.device) if config.train.device else state.device
+    pipe = pipeline if pipeline is not None else load_pipeline(config)
+    if not config.save.per_concept:
+        if state.num_processes > 1 and not state.is_main_process:
+            logger.info("One membrane for all concepts: process %d has nothing to train.", state.process_index)
+            return []
+        return train_one(config, pipe, list(config.concepts), config.save.name, device, resume, callback)
+    mine = list(enumerate(config.concepts))[state.process_index :: state.num_processes]
+    return [
+        train_one(config, pipe, [concept], f"{config.save.name}_{index:02d}_{_slug(concept.target)}", device, resume,
+                  callback, main_process=state.is_main_process)
+        for index, concept in mine
+    ]

@@ -1,0 +1,349 @@
+"""The trainer on tiny models: it erases, it anchors, it resumes exactly, batching changes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from conftest import TOKENIZER_DIR, tiny_components, tiny_pipeline
+from diffusers_spm import Membrane
+from diffusers_spm.training import TrainingConfig, train_membrane
+from diffusers_spm.training.anchors import sample_anchor_embeddings
+from diffusers_spm.training.losses import to_epsilon
+from diffusers_spm.training.trainer import MembraneTrainer
+
+DATA = Path(__file__).parent / "data"
+HELD_OUT = ["a photo of a cat", "mountains at sunset", "a red car", "portrait of a woman"]
+
+
+def config(tmp_path, concepts=None, **train) -> TrainingConfig:
+    """A tiny run: 32px (16x16 latents), 4 DDIM steps, AdamW, constant lr."""
+    train = {"iterations": 4, "lr": 3e-3, "optimizer_type": "AdamW", "lr_scheduler": "constant",
+             "lr_warmup_steps": 0, "max_denoising_steps": 4, **train}
+    concepts = concepts or [{"target": "snoopy", "action": "erase_with_la", "resolution": 32, "la_strength": 1.0,
+                             "sampling_batch_size": 2}]
+    return TrainingConfig.from_dict({"pretrained_model": {"name_or_path": "tiny"}, "concepts": concepts,
+                                     "train": train, "save": {"path": str(tmp_path / "out"), "per_steps": 2}})
+
+
+@torch.no_grad()
+def eps(pipe, prompts, seed=123):
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed)).expand(len(prompts), -1, -1, -1)
+    text = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+    return pipe.unet(x, 500, encoder_hidden_states=text).sample
+
+
+def with_membrane(pipe, path):
+    pipe.load_spm(str(path), adapter_name="trained")
+    pipe.set_spm_transport(False)
+    return pipe
+
+
+# ---------------------------------------------------------------------- the algorithm
+def test_training_lowers_erase_loss_and_keeps_anchor_loss_small(tmp_path):
+    torch.set_num_threads(1)
+    cfg = config(tmp_path, iterations=30)
+    trainer = MembraneTrainer(cfg, tiny_pipeline(), cfg.concepts, torch.device("cpu"))
+    trainer.generator.manual_seed(999)  # held-out draws for evaluation, then the run's own stream
+    plans = [trainer.plan() for _ in range(6)]
+    latents = [trainer.denoise(plan) for plan in plans]
+    trainer.generator.manual_seed(0)
+
+    def evaluate():
+        losses = [trainer.losses(p, x, backward=False) for p, x in zip(plans, latents)]
+        return [sum(float(l[k].detach()) for l in losses) / len(losses) for k in ("erase", "anchor")]
+
+    erase_before, anchor_before = evaluate()
+    assert anchor_before < 1e-10  # the membrane starts at zero (up = 0)
+    for _ in range(cfg.train.iterations):
+        trainer.step()
+    erase_after, anchor_after = evaluate()
+    trainer.close()
+    assert erase_after < erase_before / 5, (erase_before, erase_after)
+    assert anchor_after < erase_before / 10, (erase_before, anchor_after)
+
+
+def test_latent_anchoring_moves_held_out_prompts_less(tmp_path):
+    torch.set_num_threads(1)
+    moved = {}
+    for action in ("erase", "erase_with_la"):
+        concept = {"target": "snoopy", "action": action, "resolution": 32, "la_strength": 300.0,
+                   "sampling_batch_size": 2}
+        cfg = config(tmp_path / action, [concept], iterations=20, lr=1e-2)
+        pipe = tiny_pipeline()
+        before = eps(pipe, HELD_OUT)
+        train_membrane(cfg, pipe)
+        after = eps(with_membrane(pipe, Path(cfg.save.path) / "untitled_last.safetensors"), HELD_OUT)
+        moved[action] = float(((after - before) ** 2).mean())
+    assert moved["erase_with_la"] < 0.7 * moved["erase"], moved
+
+
+def test_anchor_sampling_follows_the_reference():
+    target = torch.randn(1, 77, 32)
+    anchors = sample_anchor_embeddings(target, 64, torch.Generator().manual_seed(0))
+    assert anchors.shape == (64, 77, 32)
+    ratios = anchors.flatten(1).norm(dim=1) / target.norm()
+    assert ratios.min() >= 0.8 - 1e-5 and ratios.max() <= 1.2 + 1e-5
+    again = sample_anchor_embeddings(target, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(anchors, again)
+    # Directions near the target are rejected: an anchor equal to the target direction has cos 1, accepted never.
+    cosines = torch.nn.functional.cosine_similarity(anchors.flatten(1), target.flatten(1))
+    assert cosines.max() < 0.5
+
+
+def test_v_prediction_is_converted_to_epsilon():
+    alpha_prod = torch.tensor(0.3)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x_t = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
+    v = alpha_prod.sqrt() * noise - (1 - alpha_prod).sqrt() * x0
+    assert torch.allclose(to_epsilon(v, x_t, alpha_prod, "v_prediction"), noise, atol=1e-5)
+    assert torch.allclose(to_epsilon(x0, x_t, alpha_prod, "sample"), noise, atol=1e-5)
+    assert torch.equal(to_epsilon(noise, x_t, alpha_prod, "epsilon"), noise)
+
+
+def test_trains_a_v_prediction_model(tmp_path):
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline()
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    cfg = config(tmp_path, iterations=2)
+    trainer = MembraneTrainer(cfg, pipe, cfg.concepts, torch.device("cpu"))
+    assert trainer.prediction_type == "v_prediction" and trainer.scheduler.config.prediction_type == "v_prediction"
+    values = trainer.step()
+    trainer.close()
+    assert all(torch.isfinite(torch.tensor(v)) for v in values.values())
+
+
+# ---------------------------------------------------------------------- batching, resume
+def test_batched_and_unbatched_calls_give_the_same_losses(tmp_path):
+    torch.set_num_threads(1)
+    runs = {}
+    for batched in (True, False):
+        losses = []
+        cfg = config(tmp_path / str(batched), iterations=3, batch_unet_calls=batched)
+        membrane = train_membrane(cfg, tiny_pipeline(), callback=lambda step, values: losses.append(values))
+        runs[batched] = (losses, membrane)
+    for key in ("loss", "erase", "anchor"):
+        batched = torch.tensor([v[key] for v in runs[True][0]], dtype=torch.float64)
+        unbatched = torch.tensor([v[key] for v in runs[False][0]], dtype=torch.float64)
+        assert torch.allclose(batched, unbatched, rtol=1e-4, atol=1e-12), (key, batched, unbatched)
+    # Adam normalises tiny gradient differences, so compare the membranes as wholes.
+    for part in ("down", "up"):
+        a = torch.cat([getattr(m, part).flatten() for m in runs[True][1].modules.values()])
+        b = torch.cat([getattr(runs[False][1].modules[n], part).flatten() for n in runs[True][1].modules])
+        assert (a - b).norm() < 1e-2 * a.norm(), part
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    torch.set_num_threads(1)
+    full = train_membrane(config(tmp_path / "full", iterations=4), tiny_pipeline())
+
+    cfg = config(tmp_path / "cut", iterations=4)
+
+    def interrupt(step, values):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_membrane(cfg, tiny_pipeline(), callback=interrupt)
+    checkpoint = Path(cfg.save.path) / "untitled.checkpoint.pt"
+    assert checkpoint.is_file() and not list(Path(cfg.save.path).glob("*.tmp"))
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2
+    resumed = train_membrane(cfg, tiny_pipeline(), resume=True)
+    assert resumed.modules.keys() == full.modules.keys()
+    for name, module in full.modules.items():
+        assert torch.equal(module.down, resumed.modules[name].down), name
+        assert torch.equal(module.up, resumed.modules[name].up), name
+
+
+def test_training_leaves_the_pipeline_as_it_was(tmp_path):
+    pipe = tiny_pipeline()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    train_membrane(config(tmp_path, iterations=1), pipe)
+    assert not hasattr(pipe.unet, "_diffusers_hook")
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------- files
+def test_membrane_file_has_reference_keys_and_our_metadata(tmp_path):
+    cfg = config(tmp_path, [{"target": "wonder woman, the hero", "neutral": "gal gadot", "resolution": 32}],
+                 iterations=2)
+    train_membrane(cfg, tiny_pipeline())
+    path = Path(cfg.save.path) / "untitled_last.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= keys
+    assert meta["prompts"] == "wonder woman, the hero" and meta["rank"] == "1" and meta["alpha"] == "1.0"
+    assert json.loads(meta["spm_concepts"]) == ["wonder woman, the hero"]  # survives the comma
+    assert meta["spm_surrogate"] == "gal gadot" and meta["spm_base_model"] == "tiny"
+    assert meta["spm_architecture"] == "custom (cross_attention_dim=32)" and meta["spm_format_version"]
+    assert json.loads(meta["spm_training_config"])["train"]["iterations"] == 2
+    assert (Path(cfg.save.path) / "untitled_2steps.safetensors").exists() is False  # last step is saved as _last
+
+    lora_pipe = tiny_pipeline()
+    before = eps(lora_pipe, ["a photo of snoopy"])
+    lora_pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="spm")
+    assert not torch.allclose(eps(lora_pipe, ["a photo of snoopy"]), before)
+
+
+def test_membrane_trained_on_one_unet_loads_into_another(tmp_path):
+    cfg = config(tmp_path, iterations=3, lr=1e-2)
+    train_membrane(cfg, tiny_pipeline(seed=0))
+    other = tiny_pipeline(seed=1)
+    before = eps(other, ["snoopy"])
+    after = eps(with_membrane(other, Path(cfg.save.path) / "untitled_last.safetensors"), ["snoopy"])
+    assert not torch.allclose(before, after)
+
+
+def test_one_membrane_per_concept(tmp_path):
+    concepts = [{"target": "snoopy", "resolution": 32}, {"target": "van gogh", "resolution": 32}]
+    membranes = train_membrane(config(tmp_path, concepts, iterations=1).model_copy(
+        update={"save": config(tmp_path).save.model_copy(update={"per_concept": True})}), tiny_pipeline())
+    assert [m.concepts for m in membranes] == [["snoopy"], ["van gogh"]]
+    files = sorted(p.name for p in (tmp_path / "out").glob("*_last.safetensors"))
+    assert files == ["untitled_00_snoopy_last.safetensors", "untitled_01_van_gogh_last.safetensors"]
+
+
+# ---------------------------------------------------------------------- configs
+def test_reference_yaml_pair_loads_as_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # prompts_file is relative to the reference repo root: found beside the config
+    cfg = TrainingConfig.from_yaml(DATA / "snoopy" / "config.yaml")
+    (concept,) = cfg.concepts
+    assert (concept.target, concept.positive, concept.neutral, concept.action) == ("snoopy", "snoopy", "", "erase_with_la")
+    assert concept.guidance_scale == 1.0 and concept.la_strength == 1000 and concept.sampling_batch_size == 4
+    assert concept.dynamic_resolution and concept.resolution == 512
+    assert cfg.train.optimizer_type == "AdamW8bit" and cfg.train.lr_scheduler == "cosine_with_restarts"
+    assert cfg.train.lr_scheduler_num_cycles == 3 and cfg.train.lr_warmup_steps == 500
+    assert cfg.save.per_steps == 500 and cfg.logging.tracker == "wandb"
+    assert cfg.pretrained_model.name_or_path == "CompVis/stable-diffusion-v1-4"
+
+
+def test_overrides_with_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainingConfig.from_yaml(DATA / "snoopy" / "config.yaml",
+                                   ["train.iterations=10", "concepts.*.la_strength=5", "save.per_concept=true"])
+    assert cfg.train.iterations == 10 and cfg.concepts[0].la_strength == 5.0 and cfg.save.per_concept
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"action": "forget"}, "action"),
+    ({"la_strength": -1}, "la_strength"),
+    ({"target": ""}, "target"),
+    ({"target": "   "}, "target"),
+    ({"resolution": 500}, "resolution"),
+])
+def test_bad_concepts_name_the_field(tmp_path, change, field):
+    concept = {"target": "snoopy", **change}
+    with pytest.raises(ValidationError) as err:
+        TrainingConfig.from_dict({"pretrained_model": {"name_or_path": "x"}, "concepts": [concept]})
+    assert any(e["loc"][-1] == field for e in err.value.errors()), err.value
+    assert field in str(err.value)
+
+
+def test_rank_zero_and_missing_prompts_file_name_the_field(tmp_path):
+    with pytest.raises(ValidationError) as err:
+        TrainingConfig.from_dict({"pretrained_model": {"name_or_path": "x"}, "concepts": [{"target": "a"}],
+                                  "network": {"rank": 0}})
+    assert err.value.errors()[0]["loc"] == ("network", "rank")
+    with pytest.raises(ValidationError) as err:
+        TrainingConfig.from_dict({"pretrained_model": {"name_or_path": "x"}, "prompts_file": "nowhere.yaml"})
+    assert "prompts_file" in {e["loc"][0] for e in err.value.errors()} and "nowhere.yaml" in str(err.value)
+
+
+# ---------------------------------------------------------------------- CLI, Hub
+def test_cli_trains_from_a_pipeline_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_spm.cli import main
+
+    model = tmp_path / "model"
+    tiny_pipeline(cls=StableDiffusionPipeline).save_pretrained(model)
+    (tmp_path / "prompt.yaml").write_text('- target: "snoopy"\n  resolution: 32\n')
+    (tmp_path / "config.yaml").write_text(
+        f'prompts_file: "prompt.yaml"\npretrained_model:\n  name_or_path: "{model}"\n'
+        f'train:\n  optimizer_type: AdamW\n  iterations: 2\n  max_denoising_steps: 3\n  lr_warmup_steps: 0\n'
+        f'save:\n  name: snoopy\n  path: "{tmp_path / "out"}"\n')
+    assert main(["train", str(tmp_path / "config.yaml"), "--set", "train.iterations=1"]) == 0
+    membrane = Membrane.from_file(tmp_path / "out" / "snoopy_last.safetensors")
+    assert membrane.concepts == ["snoopy"] and membrane.training_config["train"]["iterations"] == 1
+
+
+def test_model_card_and_push_without_network(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from diffusers_spm.hub import membrane_model_card, push_membrane
+
+    cfg = config(tmp_path, [{"target": "snoopy", "neutral": "a dog", "resolution": 32}], iterations=1)
+    train_membrane(cfg, tiny_pipeline())
+    path = Path(cfg.save.path) / "untitled_last.safetensors"
+    membrane = Membrane.from_file(path)
+    card = membrane_model_card(membrane, "| metric | value |\n|---|---|\n| CLIP acc | 0.1 |", filename=path.name,
+                               repo_id="org/snoopy")
+    assert card.startswith("---\nlibrary_name: diffusers") and "base_model: tiny" in card
+    assert "`snoopy`" in card and "`a dog`" in card and 'pipe.load_spm("org/snoopy", weight_name="untitled_last.safetensors")' in card
+    assert '"iterations": 1' in card and "## Evaluation" in card and "| CLIP acc | 0.1 |" in card
+    assert "## Evaluation" not in membrane_model_card(membrane)
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
+                        or f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_file", lambda self, **kw: calls.append(("upload", kw["path_in_repo"], kw)))
+    url = push_membrane(path, "org/snoopy", evaluation_summary="eval table", private=True)
+    assert url == "https://huggingface.co/org/snoopy"
+    assert calls[0][:2] == ("create", "org/snoopy") and calls[0][2]["private"] and calls[0][2]["exist_ok"]
+    uploads = {c[1]: c[2] for c in calls[1:]}
+    assert set(uploads) == {"untitled_last.safetensors", "README.md"}
+    assert uploads["untitled_last.safetensors"]["path_or_fileobj"] == str(path)
+    assert b"eval table" in uploads["README.md"]["path_or_fileobj"]
+    assert all(u["repo_id"] == "org/snoopy" for u in uploads.values())
+
+
+# ---------------------------------------------------------------------- SDXL
+def tiny_xl_pipeline():
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32,
+    )
+    text_config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                                 intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    components = tiny_components()
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
+    pipe = StableDiffusionXLPipeline(
+        vae=components["vae"], text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=components["scheduler"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_trains_through_the_same_trainer(tmp_path):
+    torch.set_num_threads(1)
+    concept = {"target": "snoopy", "action": "erase_with_la", "resolution": 32, "la_strength": 1.0,
+               "sampling_batch_size": 2, "dynamic_crops": True}
+    runs = {}
+    for batched in (True, False):
+        losses = []
+        cfg = config(tmp_path / str(batched), [concept], iterations=2, batch_unet_calls=batched)
+        runs[batched] = (train_membrane(cfg, tiny_xl_pipeline(), callback=lambda s, v: losses.append(v)), losses)
+    membrane, losses = runs[True]
+    assert membrane.cross_attention_dim == 64
+    assert any("attn2_to_k" in name for name in membrane.modules)
+    assert losses[-1]["anchor"] > 0
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert a["erase"] == pytest.approx(b["erase"], rel=1e-4)

@@ -1,7 +1,7 @@
 """Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`).
 
 Runs the same seeded iterations in both forms on (1) the tiny test pipeline and (2) a UNet of
-SD-1.5 size (`UNet2DConditionModel()` defaults, random weights, 768-wide text) at a small latent
+SD-1.5 size (`UNet2DConditionModel` defaults with 768-wide cross-attention, random weights, 768-wide text) at a small latent
 size, and prints one table. Peak memory is the peak RSS above the RSS at the start of each
 iteration (CPU, sampled every 2 ms) or `torch.cuda.max_memory_allocated` (GPU).
 
@@ -37,7 +37,7 @@ def sd15_pipeline():
 
     components = tiny_components()
     torch.manual_seed(0)
-    components["unet"] = UNet2DConditionModel()
+    components["unet"] = UNet2DConditionModel(cross_attention_dim=768)
     components["text_encoder"] = CLIPTextModel(CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=768, intermediate_size=64,
         num_attention_heads=4, num_hidden_layers=1, vocab_size=49408, max_position_embeddings=77))

@@ -128,13 +128,13 @@ def test_prompt_sets_and_templates(assets: dict[str, str]) -> None:
 
 
 def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], tmp_path: Path) -> None:
-    task = build_task("general", concepts=["cat"], limit=3, images_per_prompt=1, clip_model=assets["clip"], **FAST)
-    assert [j.prompt for j in task.jobs] == [t.format("cat") for t in IMAGENET_TEMPLATES[:3]]
+    task = build_task("general", concepts=["cat"], limit=2, images_per_prompt=1, clip_model=assets["clip"], **FAST)
+    assert [j.prompt for j in task.jobs] == [t.format("cat") for t in IMAGENET_TEMPLATES[:2]]
     conditions = [Condition("base"), Condition("spm", (assets["zero"],)), Condition("spm", (assets["strong"],)),
                   Condition("spm-no-transport", (assets["strong"],))]
     result = evaluate(pipe, task, conditions, tmp_path)
     assert set(result.results) == {"base", "spm[zero]", "spm[strong]", "spm-no-transport[strong]"}
-    assert set(result.generated.values()) == {3}
+    assert set(result.generated.values()) == {2}
     for scores in result.results.values():
         assert in_range(scores["clip_score"], 0, 100) and in_range(scores["clip_score_ref"], 0, 2.5)
         assert in_range(scores["clip_accuracy"], 0, 1)
@@ -144,7 +144,7 @@ def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], 
     assert result.results["spm[strong]"]["clip_score"] != result.results["base"]["clip_score"]
 
     images = sorted((tmp_path / "images").rglob("*.png"))
-    assert len(images) == 12 and not list((tmp_path / "images").rglob("*.tmp"))
+    assert len(images) == 8 and not list((tmp_path / "images").rglob("*.tmp"))
     mtimes = {p: p.stat().st_mtime_ns for p in images}
     again = evaluate(pipe, task, conditions, tmp_path)
     assert set(again.generated.values()) == {0} and again.results == result.results
@@ -158,7 +158,7 @@ def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], 
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} |" in summary for name in result.results)
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (32 * 4, 18 + 32 * 3)
+        assert grid.size == (32 * 4, 18 + 32 * 2)
     assert (tmp_path / "headline.png").stat().st_size > 1000
 
 
@@ -187,7 +187,7 @@ def test_nudity_tasks_run_nudenet(pipe, assets: dict[str, str], tmp_path: Path) 
 
 
 def test_coco_fid_kid_against_base_and_real(pipe, assets: dict[str, str], tmp_path: Path) -> None:
-    task = build_task("coco", prompts=assets["coco"], limit=3, clip_model=assets["clip"], fid_feature=TinyFeatures(),
+    task = build_task("coco", prompts=assets["coco"], limit=2, clip_model=assets["clip"], fid_feature=TinyFeatures(),
                       real_images=assets["real"], **FAST)
     assert task.headline == "fid_real" and task.jobs[0].width is None  # --size overrides the CSV's sizes
     conditions = [Condition("spm", (assets["zero"],)), Condition("spm-no-transport", (assets["strong"],))]
@@ -204,7 +204,7 @@ def test_coco_fid_kid_against_base_and_real(pipe, assets: dict[str, str], tmp_pa
 def test_alteration_transport_lora_and_sld(pipe, assets: dict[str, str], tmp_path: Path) -> None:
     """Unrelated prompts: transport (token overlap) closes the membrane, which fixed gates do not; the same
     file as a plain LoRA acts as the fixed-gate membrane; SLD (past its 7 warm-up steps) changes them too."""
-    task = build_task("alteration", prompts=assets["coco"], limit=2, **{**FAST, "num_inference_steps": 8})
+    task = build_task("alteration", prompts=assets["coco"], limit=1, **{**FAST, "num_inference_steps": 8})
     conditions = build_conditions([[assets["strong"]]], ["base", "spm", "spm-no-transport", "lora", "sld"],
                                   transport_metric="tokenuni", sld_concept="cat")
     result = {k: v["alteration"] for k, v in evaluate(pipe, task, conditions, tmp_path).results.items()}
@@ -221,10 +221,11 @@ def test_alteration_transport_lora_and_sld(pipe, assets: dict[str, str], tmp_pat
 def test_cli_end_to_end(assets: dict[str, str], tmp_path: Path) -> None:
     argv = ["evaluate", "--task", "general", "--base", assets["base"], "--spm", assets["strong"],
             "--output", str(tmp_path), "--concept", "cat", "--clip-model", assets["clip"], "--limit", "2",
-            "--images-per-prompt", "1", "--size", "32", "--steps", "2", "--device", "cpu", "--batch-size", "2"]
+            "--images-per-prompt", "1", "--size", "32", "--steps", "2", "--device", "cpu", "--batch-size", "2",
+            "--compare", "base", "spm"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert list(report["results"]) == ["base", "spm[strong]", "spm-no-transport[strong]"]
+    assert list(report["results"]) == ["base", "spm[strong]"]
     assert report["settings"]["batch_size"] == 2 and report["num_images_per_condition"] == 2
     assert main([*argv, "--task", "coco"]) == 2  # coco needs --prompts: a clear error, not a traceback
 
@@ -266,7 +267,6 @@ def test_eval_unlearn_lists_and_runs_the_spm_technique(assets: dict[str, str], t
                                    seed=7).run()
     assert report["metric_result"]["value"] == 3.0
     assert [image.size for image in seen] == [(32, 32)] * 3
-    # The technique's images are the membrane's: the same as `spm` in the harness at seeds 7, 8.
-    technique = SPMTechnique(**config)
-    again = technique.generate(["a cat", "a dog"], seed=7)
-    assert [np.asarray(a).tolist() for a in again] == [np.asarray(b).tolist() for b in seen[:2]]
+    # Deterministic: prompt i gets seed + i whatever the batching.
+    again = SPMTechnique(**{**config, "batch_size": 1}).generate(["a cat"], seed=7)
+    assert np.array_equal(np.asarray(again[0]), np.asarray(seen[0]))

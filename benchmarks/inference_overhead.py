@@ -1,8 +1,10 @@
 """Inference overhead of membranes on a full-size SD 1.5 UNet (random weights, no download).
 
 Prints one table of time ratios to the plain UNet, measured side by side in one run: each
-configuration is timed right after a fresh baseline measurement, and the ratio uses that
-neighbour, so slow drifts of the machine cancel. Configurations, for N membranes:
+configuration's step is timed in alternation with an untouched copy of the UNet on the same
+inputs, and the table gives the median of the per-round ratios, so drifts of the machine cancel.
+
+Configurations, for N membranes:
 
 - `spm single prompt`: every row shares its gates, so the call runs on merged weights
   (`W + sum g_i dW_i`, computed once per call; its cost is shown apart, per call);
@@ -16,6 +18,7 @@ neighbour, so slow drifts of the machine cancel. Configurations, for N membranes
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -35,18 +38,22 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def paired(fn: Callable[[], object], plain: Callable[[], object], repeats: int, device: str) -> tuple[float, float, float]:
+    """Median ratio of `fn` to `plain` over rounds that time one right after the other."""
+    fn(), plain()  # warm-up
+    rounds = [(seconds(fn, device), seconds(plain, device)) for _ in range(repeats)]
+    return statistics.median(a / b for a, b in rounds), statistics.median(a for a, _ in rounds), statistics.median(
+        b for _, b in rounds)
 
 
 def main() -> None:
@@ -61,9 +68,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(unet_config("sd1")).to(device, dtype).eval()
+    untouched = copy.deepcopy(unet)  # the plain UNet, timed in alternation with each configuration
     sample = torch.randn(2, 4, args.latent, args.latent, device=device, dtype=dtype)
     text = torch.randn(2, 77, 768, device=device, dtype=dtype)
     step = lambda: unet(sample, 500, text)
+    plain = lambda: untouched(sample, 500, text)
     targets = membrane_targets(unet)
     adapted_bytes = sum(m.weight.numel() * m.weight.element_size() for _, m in targets.values())
 
@@ -80,14 +89,11 @@ def main() -> None:
             single = CallGates(torch.rand(1, n) + 0.1, None, 2)  # one prompt: CFG rows share gates
             mixed = CallGates(torch.rand(2, n) + 0.1, None, 1)  # two prompts: one row each
             with controller.pipeline_call(single):
-                step()  # the merge happens here, once per call
-                results["spm single prompt"] = timed(step, args.repeats, device)
-            merge_start = time.perf_counter()
-            with controller.pipeline_call(single):
-                step()
-            merge_and_step = time.perf_counter() - merge_start
+                first_step = seconds(step, device)  # the merge happens here, once per call
+                results["spm single prompt"] = paired(step, plain, args.repeats, device)
+            merge_cost = first_step - results["spm single prompt"][1]
             with controller.pipeline_call(mixed):
-                results["spm mixed batch"] = timed(step, args.repeats, device)
+                results["spm mixed batch"] = paired(step, plain, args.repeats, device)
             controller.detach()
 
             from peft import LoraConfig
@@ -97,28 +103,26 @@ def main() -> None:
             for i in range(n):
                 unet.add_adapter(config, adapter_name=f"a{i}")
             unet.set_adapters([f"a{i}" for i in range(n)], [0.5] * n)
-            results["peft set_adapters"] = timed(step, args.repeats, device)
+            results["peft set_adapters"] = paired(step, plain, args.repeats, device)
             unet.delete_adapters([f"a{i}" for i in range(n)])
 
             layers = apply_reference(unet, membranes, rates=[0.5] * n, combine=False)
-            results["reference separate"] = timed(step, args.repeats, device)
+            results["reference separate"] = paired(step, plain, args.repeats, device)
             remove_reference(layers)
 
-            for label, seconds in results.items():
-                base = timed(step, args.repeats, device)
-                rows.append((n, label, seconds / base, seconds, base))
-            rows.append((n, "merge cost per call (s)", merge_and_step - results["spm single prompt"], None, None))
+            rows += [(n, label, *result) for label, result in results.items()]
+            rows.append((n, "merge cost per call (s)", merge_cost, None, None))
 
     print(f"\nSD 1.5 UNet, random weights, {device} {args.dtype}, latent {args.latent}x{args.latent}, batch 2, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} alternating rounds")
     print(f"merged weights held during a call: {adapted_bytes / 2**20:.0f} MiB (one copy of the 192 adapted layers)\n")
     print(f"| N | configuration | ratio to plain UNet | seconds/step | plain seconds/step |")
     print(f"|---|---|---|---|---|")
-    for n, label, ratio, seconds, base in rows:
-        if seconds is None:
+    for n, label, ratio, step_seconds, plain_seconds in rows:
+        if step_seconds is None:
             print(f"| {n} | {label} | {ratio:.3f} s | | |")
         else:
-            print(f"| {n} | {label} | {ratio:.3f}x | {seconds:.3f} | {base:.3f} |")
+            print(f"| {n} | {label} | {ratio:.3f}x | {step_seconds:.3f} | {plain_seconds:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`).
 
-Runs the same seeded iterations in both forms on (1) the tiny test pipeline and (2) a UNet of
+Runs the same seeded iterations in both forms (steps interleaved) on (1) the tiny test pipeline and (2) a UNet of
 SD-1.5 size (`UNet2DConditionModel` defaults with 768-wide cross-attention, random weights, 768-wide text) at a small latent
-size, and prints one table. Peak memory is the peak RSS above the RSS at the start of each
+size, and prints one table. The partial denoising (k CFG steps with the membrane on, k ~ U[1, T))
+is the same in both forms; "loss phase" is the rest of the step, the part batching changes. Peak memory is the peak RSS above the RSS at the start of each
 iteration (CPU, sampled every 2 ms) or `torch.cuda.max_memory_allocated` (GPU).
 
     python benchmarks/train_speed.py                 # CPU defaults, a few minutes on 2 cores
@@ -74,25 +75,43 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
+class PhaseTimer:
+    """Seconds spent in the partial denoising and in the rest of each step."""
+
+    def __init__(self, trainer: MembraneTrainer) -> None:
+        self.denoise = 0.0
+        original = trainer.denoise
+
+        def timed(plan):
+            start = time.perf_counter()
+            try:
+                return original(plan)
+            finally:
+                self.denoise += time.perf_counter() - start
+
+        trainer.denoise = timed
+
+
 def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps: int) -> dict[bool, dict[str, float]]:
-    """Iterations/s and peak memory of each form, same seed, same pipeline weights."""
-    results = {}
+    """Both forms side by side on the same seed and weights, their steps interleaved so that load
+    on a shared machine hits both alike."""
+    trainers, timers, totals, peaks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for batched in (True, False):
             pipe = pipe_factory()
-            resolution = latent * pipe.vae_scale_factor
             config = TrainingConfig.from_dict({
                 "pretrained_model": {"name_or_path": "benchmark"},
-                "concepts": [{"target": "snoopy", "action": "erase_with_la", "resolution": resolution,
+                "concepts": [{"target": "snoopy", "action": "erase_with_la", "resolution": latent * pipe.vae_scale_factor,
                               "la_strength": 1000.0, "sampling_batch_size": 4}],
                 "train": {"iterations": iterations + 1, "optimizer_type": "AdamW", "lr_warmup_steps": 0,
                           "max_denoising_steps": denoising_steps, "batch_unet_calls": batched, "device": device},
                 "save": {"path": tmp},
             })
-            trainer = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
-            trainer.step()  # warm-up, not timed
-            seconds, peak = 0.0, 0
-            for _ in range(iterations):
+            trainers[batched] = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
+            trainers[batched].step()  # warm-up, not timed
+            timers[batched], totals[batched], peaks[batched] = PhaseTimer(trainers[batched]), 0.0, 0
+        for _ in range(iterations):
+            for batched, trainer in trainers.items():
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -102,12 +121,13 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
                     trainer.step()
                     if device == "cuda":
                         torch.cuda.synchronize()
-                    seconds += time.perf_counter() - start
+                    totals[batched] += time.perf_counter() - start
                 used = torch.cuda.max_memory_allocated() - base if device == "cuda" else rss.peak - rss.base
-                peak = max(peak, used)
+                peaks[batched] = max(peaks[batched], used)
+        for trainer in trainers.values():
             trainer.close()
-            results[batched] = {"its": iterations / seconds, "peak_mb": peak / 2**20}
-    return results
+    return {b: {"its": iterations / totals[b], "loss_its": iterations / (totals[b] - timers[b].denoise),
+                "denoise_share": timers[b].denoise / totals[b], "peak_mb": peaks[b] / 2**20} for b in trainers}
 
 
 def main() -> None:
@@ -128,12 +148,14 @@ def main() -> None:
                      run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps)))
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\nDevice: {device}; erase_with_la, 4 anchors, max_denoising_steps={args.denoising_steps}\n")
-    print("| model | unbatched it/s | batched it/s | speed-up | unbatched peak MB | batched peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| model | it/s unbatched | it/s batched | speed-up | loss phase speed-up | denoising share "
+          "(unbatched / batched) | peak MB unbatched | peak MB batched |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r[False]['its']:.3f} | {r[True]['its']:.3f} | {r[True]['its'] / r[False]['its']:.2f}x "
-              f"| {r[False]['peak_mb']:.0f} | {r[True]['peak_mb']:.0f} |")
-
+        u, b = r[False], r[True]
+        print(f"| {name} | {u['its']:.3f} | {b['its']:.3f} | {b['its'] / u['its']:.2f}x | "
+              f"{b['loss_its'] / u['loss_its']:.2f}x | {u['denoise_share']:.0%} / {b['denoise_share']:.0%} | "
+              f"{u['peak_mb']:.0f} | {b['peak_mb']:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ loaded membranes' scales, the transport settings and the per-call gates, and eve
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -223,7 +224,7 @@ class MembraneController(ModelHook):
                 bank = attach_bank(self.targets[layer_name][1], self)
                 bank.add(name, module, dtype)
                 touched.append(bank)
-            self.adapters[name] = AdapterState(membrane=_without_weights(membrane), scale=scale)
+            self.adapters[name] = AdapterState(membrane=dataclasses.replace(membrane, modules={}), scale=scale)
             self._reindex()
         except BaseException:
             for bank in touched:
@@ -254,10 +255,7 @@ class MembraneController(ModelHook):
             bank = getattr(base, "spm_membranes", None)
             if bank is not None and name in bank.names:
                 modules[layer_name] = bank.module(name)
-        meta = state.membrane
-        return Membrane(modules=modules, concepts=list(meta.concepts), surrogate=meta.surrogate,
-                        base_model=meta.base_model, architecture=meta.architecture,
-                        training_config=meta.training_config, extra_metadata=dict(meta.extra_metadata))
+        return dataclasses.replace(state.membrane, modules=modules)
 
     def _drop_empty_banks(self) -> None:
         for base, bank in list(self.banks()):
@@ -286,9 +284,6 @@ class MembraneController(ModelHook):
         for name, value in scales.items():
             self.adapters[name].scale = float(value)
         self.changed()
-
-    def unfused_mask(self) -> torch.Tensor:
-        return torch.tensor([n not in self.fused for n in self.adapters], dtype=torch.float32)
 
     def scales(self) -> torch.Tensor:
         """User scales in adapter order; fused membranes act through the weights, so they gate 0 here."""
@@ -358,7 +353,6 @@ class MembraneController(ModelHook):
             gates = self.embedding_gates(text) if self.transport.enabled else None
         if gates is None:
             gates = self.scales()
-        gates = gates * self.unfused_mask()
         if gates.dim() == 2 and bool((gates == gates[:1]).all()):
             gates = gates[0]
         if not bool(gates.any()):
@@ -421,9 +415,3 @@ class MembraneController(ModelHook):
         if not registry.hooks and getattr(restored, "__func__", None) is type(self.unet).forward:
             del self.unet._diffusers_hook
             del self.unet.forward
-
-
-def _without_weights(membrane: Membrane) -> Membrane:
-    return Membrane(modules={}, concepts=list(membrane.concepts), surrogate=membrane.surrogate,
-                    base_model=membrane.base_model, architecture=membrane.architecture,
-                    training_config=membrane.training_config, extra_metadata=dict(membrane.extra_metadata))

@@ -14,6 +14,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from diffusers_spm import StableDiffusionSPMPipeline
 
+# Tiny models: one intra-op thread is faster than two fighting over a loaded 2-core machine.
+torch.set_num_threads(1)
+
 TOKENIZER_DIR = str(resources.files("diffusers_spm") / "assets" / "clip_tokenizer")
 
 

@@ -11,17 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TOKENIZER_DIR, tiny_pipeline
 from diffusers import StableDiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from conftest import TOKENIZER_DIR, tiny_pipeline
-from diffusers_spm import Membrane, MembraneModule, membrane_targets
+from diffusers_spm import Membrane, MembraneController, MembraneModule, membrane_targets
 from diffusers_spm.cli import main
 from diffusers_spm.evaluation import (
     IMAGENET_TEMPLATES,
     Condition,
+    GenerationSettings,
+    PromptJob,
+    Sample,
+    Task,
     build_conditions,
     build_task,
     evaluate,
@@ -61,10 +66,18 @@ def save_membrane(unet: nn.Module, path: Path, std: float, concepts: list[str]) 
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Membranes (a no-op and a strong one, both for "cat"), a tiny CLIP folder, a saved tiny pipeline, CSVs."""
-    root = tmp_path_factory.mktemp("assets")
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build_assets(root: Path) -> dict[str, str]:
+    """Membranes (a no-op and a strong one, both for "cat"), a tiny CLIP folder, a saved tiny pipeline, CSVs.
+    Also used by benchmarks/evaluation_two_process.py."""
     pipe = tiny_pipeline(cls=StableDiffusionPipeline)  # saved as a stock checkpoint is
     pipe.save_pretrained(root / "base")
     torch.manual_seed(0)
@@ -105,6 +118,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return build_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
 def pipe():
     return tiny_pipeline()
 
@@ -127,6 +145,16 @@ def test_prompt_sets_and_templates(assets: dict[str, str]) -> None:
         assert len(read_prompt_csv(BENCHMARKS / "coco_30k.csv", limit=5)) == 5
 
 
+def test_i2p_from_the_hub_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub path (online only) with `datasets.load_dataset` stubbed by an in-memory dataset."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": p, "categories": "sexual", "nudity_percentage": n, "sd_seed": i, "sd_guidance_scale": 7,
+             "sd_image_width": 512, "sd_image_height": 512} for i, (p, n) in enumerate([("a", 50.0), ("b", 2.0), ("c", 10.0)])]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
+    assert [j.prompt for j in build_task("nudity").jobs] == ["a", "c"]
+    assert [j.seed for j in build_task("i2p", limit=2).jobs] == [0, 1]
+
+
 def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], tmp_path: Path) -> None:
     task = build_task("general", concepts=["cat"], limit=2, images_per_prompt=1, clip_model=assets["clip"], **FAST)
     assert [j.prompt for j in task.jobs] == [t.format("cat") for t in IMAGENET_TEMPLATES[:2]]
@@ -144,11 +172,16 @@ def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], 
     assert result.results["spm[strong]"]["clip_score"] != result.results["base"]["clip_score"]
 
     images = sorted((tmp_path / "images").rglob("*.png"))
+    assert json.loads((tmp_path / "images/spm_strong/generation.json").read_text())["condition"]["kind"] == "spm"
     assert len(images) == 8 and not list((tmp_path / "images").rglob("*.tmp"))
     mtimes = {p: p.stat().st_mtime_ns for p in images}
     again = evaluate(pipe, task, conditions, tmp_path)
     assert set(again.generated.values()) == {0} and again.results == result.results
     assert {p: p.stat().st_mtime_ns for p in images} == mtimes
+    other = build_task("general", concepts=["cat"], limit=2, images_per_prompt=1, clip_model=assets["clip"],
+                       **{**FAST, "num_inference_steps": 3})
+    with pytest.raises(ValueError, match="num_inference_steps"):  # never mixes images made differently
+        evaluate(pipe, other, conditions[:1], tmp_path)
 
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["task"] == "general" and report["headline"] == "clip_score"
@@ -158,7 +191,7 @@ def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], 
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} |" in summary for name in result.results)
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (32 * 4, 18 + 32 * 2)
+        assert grid.size == (256 * 4, 18 + 256 * 2)
     assert (tmp_path / "headline.png").stat().st_size > 1000
 
 
@@ -203,19 +236,55 @@ def test_coco_fid_kid_against_base_and_real(pipe, assets: dict[str, str], tmp_pa
 
 def test_alteration_transport_lora_and_sld(pipe, assets: dict[str, str], tmp_path: Path) -> None:
     """Unrelated prompts: transport (token overlap) closes the membrane, which fixed gates do not; the same
-    file as a plain LoRA acts as the fixed-gate membrane; SLD (past its 7 warm-up steps) changes them too."""
-    task = build_task("alteration", prompts=assets["coco"], limit=1, **{**FAST, "num_inference_steps": 8})
+    file as a plain LoRA acts as the fixed-gate membrane; SLD (its "max" preset: no warm-up) changes them too."""
+    task = build_task("alteration", prompts=assets["coco"], limit=1, **FAST)
     conditions = build_conditions([[assets["strong"]]], ["base", "spm", "spm-no-transport", "lora", "sld"],
-                                  transport_metric="tokenuni", sld_concept="cat")
+                                  transport_metric="tokenuni", sld_concept="cat", sld_preset="max")
     result = {k: v["alteration"] for k, v in evaluate(pipe, task, conditions, tmp_path).results.items()}
     assert result["base"] == 0.0 and all(in_range(v, 0, 1) for v in result.values())
     assert result["spm[strong]"] < 1e-3 < result["spm-no-transport[strong]"]
-    assert result["lora[strong]"] == pytest.approx(result["spm-no-transport[strong]"], rel=0.05)
+    assert result["lora[strong]"] == pytest.approx(result["spm-no-transport[strong]"], rel=0.01)
     assert result["sld"] > 0
     # Every condition was removed again: the base pipeline still makes the base images.
     assert evaluate(pipe, task, [Condition("base")], tmp_path / "again").results["base"]["alteration"] == 0.0
     assert (np.asarray(Image.open(tmp_path / "again/images/base" / task.jobs[0].file_name)) ==
             np.asarray(Image.open(tmp_path / "images/base" / task.jobs[0].file_name))).all()
+
+
+def test_custom_task_with_a_judge_metric(pipe, tmp_path: Path) -> None:
+    """The plug-in point for a toy world's judge: a `Task` of our own jobs and a `Metric` of our own."""
+
+    class BrightnessJudge:
+        name = "judge"
+
+        def __call__(self, sample: Sample) -> dict[str, float]:
+            assert [j.meta["concept"] for j in sample.jobs] == ["red", "blue"]
+            return {"judge_brightness": float(np.mean([np.asarray(Image.open(p)).mean() / 255 for p in sample.images]))}
+
+    jobs = [PromptJob(index=i, prompt=f"a {c} square", seed=i, meta={"concept": c}) for i, c in enumerate(["red", "blue"])]
+    task = Task("world", jobs, [BrightnessJudge()], headline="judge_brightness", goal="a toy judge",
+                settings=GenerationSettings(num_inference_steps=2, width=32, height=32, batch_size=2))
+    result = evaluate(pipe, task, [Condition("base")], tmp_path)
+    assert in_range(result.results["base"]["judge_brightness"], 0, 1)
+    assert "| base |" in (tmp_path / "summary.md").read_text()
+
+
+def test_conditions_remove_only_their_own_adapters(assets: dict[str, str]) -> None:
+    pipe = tiny_pipeline()
+    pipe.load_spm(assets["zero"], adapter_name="mine")
+    pipe.set_spm_transport(True, metric="tokenuni", power=1.0)
+    pipe.load_lora_weights(assets["zero"], adapter_name="my_lora")
+    for condition in build_conditions([[assets["strong"]]], ["spm", "lora"]):
+        with condition.applied(pipe) as (applied, _):
+            assert applied is pipe
+    assert pipe.get_active_spms() == ["mine"] and pipe.get_list_adapters()["unet"] == ["my_lora"]
+    transport = MembraneController.of(pipe.unet).transport
+    assert (transport.enabled, transport.metric, transport.power) == (True, "tokenuni", 1.0)
+    # With no LoRA of the caller's left, the LoRA condition also unwraps the layers it wrapped.
+    pipe.delete_adapters(["my_lora"])
+    with build_conditions([[assets["strong"]]], ["lora"])[0].applied(pipe):
+        pass
+    assert not any(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules())
 
 
 def test_cli_end_to_end(assets: dict[str, str], tmp_path: Path) -> None:
@@ -267,6 +336,6 @@ def test_eval_unlearn_lists_and_runs_the_spm_technique(assets: dict[str, str], t
                                    seed=7).run()
     assert report["metric_result"]["value"] == 3.0
     assert [image.size for image in seen] == [(32, 32)] * 3
-    # Deterministic: prompt i gets seed + i whatever the batching.
+    # Deterministic: prompt i gets seed + i whatever the batching (up to rounding in the last bit).
     again = SPMTechnique(**{**config, "batch_size": 1}).generate(["a cat"], seed=7)
-    assert np.array_equal(np.asarray(again[0]), np.asarray(seen[0]))
+    assert np.abs(np.asarray(again[0], dtype=int) - np.asarray(seen[0], dtype=int)).max() <= 2

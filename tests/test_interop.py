@@ -164,3 +164,15 @@ def test_sdxl_pipeline_with_transport(tmp_path):
     random_membrane(sd1.unet, ["snoopy"], seed=1).save(tmp_path / "sd1.safetensors")
     with pytest.raises(ValueError, match="text width 32.*this UNet is sdxl-like"):
         pipe.load_spm(tmp_path / "sd1.safetensors")
+
+
+def test_saved_ready_pipeline_reloads_with_plain_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffusers_spm import StableDiffusionSPMPipeline
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "saved")
+    assert '"_class_name": "StableDiffusionPipeline"' in (tmp_path / "saved" / "model_index.json").read_text()
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "saved")) is StableDiffusionPipeline
+    assert type(StableDiffusionSPMPipeline.from_pretrained(tmp_path / "saved")) is StableDiffusionSPMPipeline

@@ -161,6 +161,37 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
         assert torch.equal(module.up, resumed.modules[name].up), name
 
 
+def test_gradient_checkpointing_gives_the_same_membrane(tmp_path):
+    torch.set_num_threads(1)
+    plain = train_membrane(config(tmp_path / "plain", iterations=2), tiny_pipeline())
+    pipe = tiny_pipeline()
+    checkpointed = train_membrane(config(tmp_path / "ckpt", iterations=2, gradient_checkpointing=True), pipe)
+    assert not pipe.unet.is_gradient_checkpointing
+    for name, module in plain.modules.items():
+        assert torch.allclose(module.up, checkpointed.modules[name].up, atol=1e-6), name
+
+
+def test_sample_images_every_interval(tmp_path):
+    cfg = config(tmp_path, iterations=2)
+    cfg.logging.interval, cfg.logging.prompts = 1, ["snoopy", "a dog"]
+    cfg.logging.width = cfg.logging.height = 32
+    cfg.logging.num_inference_steps = 2
+    train_membrane(cfg, tiny_pipeline())
+    samples = sorted(p.name for p in (Path(cfg.save.path) / "samples" / "untitled").glob("*.png"))
+    assert samples == [f"step{s:06d}_{i:02d}_0.png" for s in (1, 2) for i in (0, 1)]
+
+
+def test_missing_tracker_package_is_a_clear_error(tmp_path):
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed")
+    cfg = config(tmp_path, iterations=1)
+    cfg.logging.tracker = "tensorboard"
+    with pytest.raises(ImportError, match="tensorboard"):
+        train_membrane(cfg, tiny_pipeline())
+
+
 def test_training_leaves_the_pipeline_as_it_was(tmp_path):
     pipe = tiny_pipeline()
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

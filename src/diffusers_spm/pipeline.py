@@ -8,6 +8,7 @@ transport gates); the model code stays the model's. It works on any pipeline wit
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
@@ -147,6 +148,15 @@ class SPMPipelineMixin:
         controller = MembraneController.of(self.unet)
         if controller is not None:
             controller.unfuse()
+
+    def to_json_string(self) -> str:
+        """Write the diffusers class this pipeline extends into `model_index.json`, so the saved
+        folder reloads with plain `DiffusionPipeline.from_pretrained` (and with ours)."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = next(
+            c for c in type(self).__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, SPMPipelineMixin)
+        ).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

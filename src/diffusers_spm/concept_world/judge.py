@@ -109,13 +109,14 @@ def make_batch(world: ConceptWorld, n: int, rng: np.random.Generator) -> tuple[n
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Light blur and noise: generated images are softer and noisier than renders."""
+    """Blur, colour gain and noise: generated images are softer and noisier than renders."""
     n = x.shape[0]
-    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = torch.rand(n, 1, 1, 1, generator=gen) * 0.7
-    x = (1 - mix) * x + mix * blur
-    x = x * (1 + 0.1 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5))
-    x = x + torch.randn(x.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.05
+    blur3 = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    blur5 = F.avg_pool2d(F.pad(blur3, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    a, b = torch.rand(2, n, 1, 1, 1, generator=gen)
+    x = (1 - a) * x + a * ((1 - b) * blur3 + b * blur5)
+    x = x * (1 + 0.15 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5))
+    x = x + torch.randn(x.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.06
     return x.clamp(0, 1)
 
 

@@ -1,6 +1,7 @@
 """`diffusers-spm evaluate`: the paper's evaluation protocol in one command (see docs/evaluation.md).
 
-Data-parallel under `accelerate launch -m diffusers_spm.cli evaluate ...`.
+Data-parallel under `accelerate launch -m diffusers_spm.cli evaluate ...` (on CPU-only machines:
+`accelerate launch --multi_gpu --num_processes N -m diffusers_spm.cli evaluate ... --device cpu`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .conditions import COMPARE_CHOICES, DTYPES, build_conditions, load_base_pipeline
+from .conditions import COMPARE_CHOICES, DTYPES, SLD_PRESETS, build_conditions, load_base_pipeline
+from .generation import process_state
 from .runner import evaluate
 from .tasks import TASKS, build_task
 
@@ -16,9 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    device = args.device or str(PartialState().device)
+    # Built first, so that `--device cpu` makes CPU workers one data-parallel group.
+    state = process_state(args.device)
+    device = args.device or str(state.device)
     task = build_task(
         args.task,
         prompts=args.prompts,
@@ -41,6 +43,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         transport_metric=args.metric,
         power=args.power,
         sld_concept=args.sld_concept or (", ".join(args.concept) if args.concept else None),
+        sld_preset=args.sld_preset,
         needs_base=task.needs_base,
     )
     pipe = load_base_pipeline(args.base, args.dtype, device)
@@ -85,5 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Facilitated Transport rate")
     parser.add_argument("--power", type=float, default=2.0, help="transport gate = rate ** power")
     parser.add_argument("--sld-concept", help="SLD's safety concept (default: the --concept names, else SLD's own)")
+    parser.add_argument("--sld-preset", default="strong", choices=tuple(SLD_PRESETS),
+                        help="SLD configuration (the reference evaluates strong)")
     parser.add_argument("--grid-prompts", type=int, default=4, help="prompts in the report's image grid")
     parser.set_defaults(handler=_evaluate)

@@ -4,7 +4,6 @@ the same files as a plain LoRA, and SLD. All are applied to one loaded pipeline,
 from __future__ import annotations
 
 import inspect
-import logging
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,20 +14,22 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..hub import resolve_membrane
+from ..model import MembraneController
 from ..pipeline import add_spm_support
-
-logger = logging.getLogger(__name__)
 
 COMPARE_CHOICES = ("base", "spm", "spm-no-transport", "lora", "sld")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# SLD as the reference evaluates it (diffusers' SafetyConfig.STRONG).
-SLD_STRONG = {
-    "sld_guidance_scale": 2000,
-    "sld_warmup_steps": 7,
-    "sld_threshold": 0.025,
-    "sld_momentum_scale": 0.5,
-    "sld_mom_beta": 0.7,
+# SLD's configurations (the values of diffusers' SafetyConfig); the reference evaluates "strong".
+SLD_PRESETS: dict[str, dict[str, float]] = {
+    "weak": {"sld_warmup_steps": 15, "sld_guidance_scale": 20, "sld_threshold": 0.0,
+             "sld_momentum_scale": 0.0, "sld_mom_beta": 0.0},
+    "medium": {"sld_warmup_steps": 10, "sld_guidance_scale": 1000, "sld_threshold": 0.01,
+               "sld_momentum_scale": 0.3, "sld_mom_beta": 0.4},
+    "strong": {"sld_warmup_steps": 7, "sld_guidance_scale": 2000, "sld_threshold": 0.025,
+               "sld_momentum_scale": 0.5, "sld_mom_beta": 0.7},
+    "max": {"sld_warmup_steps": 0, "sld_guidance_scale": 5000, "sld_threshold": 1.0,
+            "sld_momentum_scale": 0.5, "sld_mom_beta": 0.7},
 }
 
 Kind = Literal["base", "spm", "spm-no-transport", "lora", "sld"]
@@ -44,6 +45,7 @@ class Condition:
     transport_metric: str = "clipcos_tokenuni"
     power: float = 2.0
     sld_concept: str | None = None
+    sld_preset: str = "strong"
 
     @property
     def name(self) -> str:
@@ -63,26 +65,36 @@ class Condition:
             yield pipe, {}
         elif self.kind in ("spm", "spm-no-transport"):
             pipe = add_spm_support(pipe)
-            names = [f"eval{i}" for i in range(len(self.membranes))]
+            controller = MembraneController.of(pipe.unet)
+            previous = controller.transport if controller is not None and controller.adapters else None
+            loaded: list[str] = []
             try:
-                for membrane, name in zip(self.membranes, names):
-                    pipe.load_spm(membrane, adapter_name=name)
-                pipe.set_spm_scale(self.scale)
+                for i, membrane in enumerate(self.membranes):
+                    pipe.load_spm(membrane, adapter_name=f"eval{i}")
+                    loaded.append(f"eval{i}")
+                pipe.set_spm_scale(dict.fromkeys(loaded, self.scale))
                 pipe.set_spm_transport(self.kind == "spm", metric=self.transport_metric, power=self.power)
                 yield pipe, {}
             finally:
-                pipe.unload_spm()
+                if loaded:  # only ours: membranes the caller loaded stay, with their transport settings
+                    pipe.unload_spm(loaded)
+                if previous is not None:
+                    pipe.set_spm_transport(previous.enabled, previous.metric, previous.power, previous.cfg_rows)
         elif self.kind == "lora":
-            names = [f"eval{i}" for i in range(len(self.membranes))]
+            loaded = []
             try:
-                for membrane, name in zip(self.membranes, names):
-                    pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=name)
-                pipe.set_adapters(names, adapter_weights=[self.scale] * len(names))
+                for i, membrane in enumerate(self.membranes):
+                    pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=f"eval{i}")
+                    loaded.append(f"eval{i}")
+                pipe.set_adapters(loaded, adapter_weights=[self.scale] * len(loaded))
                 yield pipe, {}
             finally:
-                pipe.unload_lora_weights()
+                if loaded:
+                    pipe.delete_adapters(loaded)
+                if not any(pipe.get_list_adapters().values()):
+                    pipe.unload_lora_weights()  # no LoRA left: unwrap the layers too
         else:
-            yield sld_pipeline(pipe, self.sld_concept), dict(SLD_STRONG)
+            yield sld_pipeline(pipe, self.sld_concept), dict(SLD_PRESETS[self.sld_preset])
 
 
 def membrane_label(membrane: str) -> str:
@@ -112,9 +124,12 @@ def build_conditions(
     transport_metric: str = "clipcos_tokenuni",
     power: float = 2.0,
     sld_concept: str | None = None,
+    sld_preset: str = "strong",
     needs_base: bool = False,
 ) -> list[Condition]:
     """Every requested kind, the membrane kinds once per membrane set; `base` first when a task needs it."""
+    if sld_preset not in SLD_PRESETS:
+        raise ValueError(f"Unknown SLD preset {sld_preset!r}; choose from {', '.join(SLD_PRESETS)}.")
     unknown = set(compare) - set(COMPARE_CHOICES)
     if unknown:
         raise ValueError(f"Unknown --compare {sorted(unknown)}; choose from {', '.join(COMPARE_CHOICES)}.")
@@ -124,7 +139,8 @@ def build_conditions(
     conditions: list[Condition] = []
     for kind in kinds:
         if kind in ("base", "sld"):
-            conditions.append(Condition(kind, sld_concept=sld_concept if kind == "sld" else None))
+            conditions.append(Condition(kind, sld_concept=sld_concept, sld_preset=sld_preset) if kind == "sld"
+                              else Condition(kind))
         else:
             conditions += [Condition(kind, tuple(s), scale, transport_metric, power) for s in membrane_sets]
     return conditions

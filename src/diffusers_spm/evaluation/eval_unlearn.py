@@ -42,7 +42,7 @@ class SPMConfig:
     batch_size: int = 1
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "SPMConfig":
+    def from_dict(cls, config: dict[str, Any]) -> SPMConfig:
         """Unknown keys are ignored with a warning: eval-unlearn passes one config to every component."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - fields)

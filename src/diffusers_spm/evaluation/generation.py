@@ -1,13 +1,17 @@
 """Deterministic, resumable, data-parallel image generation for a list of `PromptJob`s.
 
 Each image's noise comes from its own CPU generator seeded by the job, so an image does not depend
-on the batch it lands in, the process that makes it or the GPU type. Images are written atomically
-under the job's file name, and a file already on disk is never generated again: an interrupted run
-resumes where it stopped. Under `accelerate launch`, the missing jobs are split between processes.
+on the batch it lands in or the process that makes it (up to floating-point rounding, which can move
+a few pixel values by one). Images are written atomically under the job's file name, and a file
+already on disk is never generated again: an interrupted run resumes where it stopped. A folder
+remembers what made its images (`generation.json`), so a run with other settings cannot silently
+reuse them. Under `accelerate launch`, the missing jobs are split between processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,12 +21,21 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .prompts import PromptJob
 
 logger = logging.getLogger(__name__)
+
+
+def process_state(device: str | torch.device | None = None) -> PartialState:
+    """Accelerate's view of the processes. CPU runs must say so when it is first built: otherwise
+    workers started by `accelerate launch --multi_gpu` / `torchrun` on a machine without GPUs each
+    believe they are alone, and every one generates every image."""
+    cpu = (device is not None and torch.device(device).type == "cpu") or parse_flag_from_env("ACCELERATE_USE_CPU")
+    return PartialState(cpu=cpu)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,33 @@ def _batches(jobs: Sequence[PromptJob], settings: GenerationSettings) -> list[li
     return batches
 
 
+def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_signature(folder: Path, signature: Mapping[str, Any]) -> None:
+    """Refuse to mix images made under different settings in one folder."""
+    record = folder / "generation.json"
+    current = json.loads(json.dumps(signature, default=str))
+    if record.exists():
+        previous = json.loads(record.read_text())
+        if previous != current:
+            before, after = _flatten(previous), _flatten(current)
+            changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
+            raise ValueError(
+                f"{folder} holds images made with other settings ({', '.join(changed)} differ). "
+                "Use another --output, or delete the folder to regenerate."
+            )
+    else:
+        record.write_text(json.dumps(current, indent=2))
+
+
 def _save(image: Any, path: Path) -> None:
     """Write to a temporary name first, so a killed run never leaves a truncated image that would be skipped."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -79,14 +119,21 @@ def generate_images(
     settings: GenerationSettings,
     call_kwargs: Mapping[str, Any] | None = None,
     desc: str = "generate",
+    signature: Mapping[str, Any] | None = None,
 ) -> GenerationStats:
-    """Generate every job's image into `folder` that is not there yet; returns how many were made here."""
+    """Generate every job's image into `folder` that is not there yet; returns how many were made here.
+
+    `signature` describes what else decides the images (model, condition); with the settings and
+    `call_kwargs` it must match what made the images already in `folder`.
+    """
     if settings.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {settings.batch_size}.")
     folder = Path(folder)
     state = PartialState()
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
+        settings_record = {k: v for k, v in dataclasses.asdict(settings).items() if k != "batch_size"}
+        _check_signature(folder, {**dict(signature or {}), "settings": settings_record, "call": dict(call_kwargs or {})})
     state.wait_for_everyone()
     missing = [job for job in jobs if not (folder / job.file_name).exists()]
     skipped = len(jobs) - len(missing)
@@ -108,7 +155,7 @@ def generate_images(
                     height=height,
                     **dict(call_kwargs or {}),
                 ).images
-                for job, image in zip(batch, images):
+                for job, image in zip(batch, images, strict=True):
                     _save(image, folder / job.file_name)
                 generated += len(batch)
                 bar.update(len(batch))

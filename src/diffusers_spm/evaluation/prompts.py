@@ -119,8 +119,13 @@ def read_prompt_csv(path: str | Path, limit: int | None = None) -> list[PromptJo
 
 def read_i2p_from_hub(limit: int | None = None, min_nudity: float | None = None) -> list[PromptJob]:
     """I2P from the Hub dataset (needs `datasets` and a network); `min_nudity=10` gives the nudity subset."""
-    from datasets import load_dataset
-
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ValueError(
+            f"Reading {I2P_HUB_DATASET} from the Hub needs `datasets` (pip install 'diffusers-spm[eval]'); "
+            "or pass the CSV with --prompts."
+        ) from err
     rows = load_dataset(I2P_HUB_DATASET, split="train")
     if min_nudity is not None:
         rows = rows.filter(lambda row: float(row["nudity_percentage"]) >= min_nudity)

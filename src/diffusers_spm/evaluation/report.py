@@ -95,8 +95,7 @@ def write_summary(path: Path, task: Task, results: Mapping[str, Mapping[str, flo
 def write_grid(path: Path, task: Task, conditions: Sequence[Condition], folders: Mapping[str, Path], prompts: int) -> Path:
     """Rows: the first `prompts` jobs; columns: the conditions, base first; a label row on top."""
     jobs = task.jobs[:prompts]
-    with Image.open(folders[conditions[0].name] / jobs[0].file_name) as first:
-        size = min(THUMBNAIL, max(first.size))
+    size = THUMBNAIL  # one size whatever the images' (COCO's differ; a toy model's are tiny)
     grid = Image.new("RGB", (size * len(conditions), LABEL_HEIGHT + size * len(jobs)), "white")
     draw = ImageDraw.Draw(grid)
     for col, condition in enumerate(conditions):

@@ -6,10 +6,11 @@ model) goes through the same code path as the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from accelerate import PartialState
 from diffusers import DiffusionPipeline
@@ -35,6 +36,15 @@ class EvaluationResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def signature(pipeline: DiffusionPipeline, condition: Condition) -> dict[str, Any]:
+    """What, besides the task's settings, decides a condition's images."""
+    return {
+        "model": getattr(pipeline.config, "_name_or_path", None) or type(pipeline).__name__,
+        "dtype": str(pipeline.dtype),
+        "condition": dataclasses.asdict(condition),
+    }
+
+
 def evaluate(
     pipeline: DiffusionPipeline,
     task: Task,
@@ -44,6 +54,8 @@ def evaluate(
     grid_prompts: int = 4,
 ) -> EvaluationResult:
     """Run `task` under each condition on `pipeline`; images land in `output/images/<condition>/`."""
+    if not task.jobs:
+        raise ValueError(f"The {task.name} task has no prompts to generate (check --prompts and --limit).")
     output = Path(output)
     if task.needs_base and not any(c.kind == "base" for c in conditions):
         conditions = [Condition("base"), *conditions]
@@ -52,7 +64,7 @@ def evaluate(
     for condition in conditions:
         with condition.applied(pipeline) as (pipe, call_kwargs):
             stats = generate_images(pipe, task.jobs, folders[condition.name], task.settings, call_kwargs,
-                                    desc=f"{task.name} {condition.name}")
+                                    desc=f"{task.name} {condition.name}", signature=signature(pipeline, condition))
         generated[condition.name] = stats.generated
     result = EvaluationResult(task.name, task.headline, {}, generated, output)
     state = PartialState()

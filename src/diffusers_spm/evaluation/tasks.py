@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -14,8 +13,6 @@ from torch import nn
 from .generation import GenerationSettings
 from .metrics import AlterationMetric, ClipMetric, ClipSource, FidKidMetric, Metric, NudityMetric
 from .prompts import PromptJob, read_i2p_from_hub, read_prompt_csv, template_jobs
-
-logger = logging.getLogger(__name__)
 
 TASKS = ("general", "artwork", "nudity", "i2p", "coco", "alteration")
 

@@ -437,9 +437,11 @@ def train_one(config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[Co
     """Train, checkpoint and save one membrane; returns it (also written as `<run_name>_last.safetensors`)."""
     save_dir = Path(config.save.path)
     save_dtype = torch_dtype(config.save.precision)
-    trainer = MembraneTrainer(config, pipe, concepts, device)
-    tracker = _Tracker(config, run_name, main_process)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        tracker = _Tracker(config, run_name, main_process)
+        cleanup.callback(tracker.close)
+        trainer = MembraneTrainer(config, pipe, concepts, device)
+        cleanup.callback(trainer.close)
         ckpt = checkpoint_path(config, run_name)
         if resume and ckpt.is_file():
             trainer.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
@@ -448,6 +450,7 @@ def train_one(config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[Co
             logger.warning("No checkpoint at %s; starting from step 0.", ckpt)
         iterations = config.train.iterations
         bar = tqdm(total=iterations, initial=trainer.step_count, desc=run_name, disable=not main_process)
+        cleanup.callback(bar.close)
         while trainer.step_count < iterations:
             values = trainer.step()
             step = trainer.step_count
@@ -462,13 +465,9 @@ def train_one(config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[Co
             if config.logging.interval and config.logging.prompts and (step % config.logging.interval == 0
                                                                        or step == iterations):
                 _samples(trainer, config, run_name, step, tracker)
-        bar.close()
         membrane = trainer.membrane_weights()
         membrane.save(save_dir / f"{run_name}_last.safetensors", dtype=save_dtype)
         return membrane
-    finally:
-        tracker.close()
-        trainer.close()
 
 
 def train_membrane(config: TrainingConfig, pipeline: DiffusionPipeline | None = None, resume: bool = False,

@@ -1,10 +1,12 @@
 """Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`).
 
-Runs the same seeded iterations in both forms (steps interleaved) on (1) the tiny test pipeline and (2) a UNet of
-SD-1.5 size (`UNet2DConditionModel` defaults with 768-wide cross-attention, random weights, 768-wide text) at a small latent
-size, and prints one table. The partial denoising (k CFG steps with the membrane on, k ~ U[1, T))
-is the same in both forms; "loss phase" is the rest of the step, the part batching changes. Peak memory is the peak RSS above the RSS at the start of each
-iteration (CPU, sampled every 2 ms) or `torch.cuda.max_memory_allocated` (GPU).
+Runs the same seeded iterations in both forms, their steps interleaved, on (1) the tiny test
+pipeline and (2) a UNet of SD-1.5 size (`UNet2DConditionModel` defaults with 768-wide
+cross-attention, random weights) at a small latent size, and prints one table. The partial
+denoising (k CFG steps with the membrane on, k ~ U[1, T)) is the same in both forms; the "loss
+phase" is the rest of the step, the part that batching changes. Peak memory is the peak RSS above
+the RSS at the start of each iteration (CPU, sampled every 2 ms), or the growth of
+`torch.cuda.max_memory_allocated` (GPU).
 
     python benchmarks/train_speed.py                 # CPU defaults, a few minutes on 2 cores
     python benchmarks/train_speed.py --device cuda --sd15-iterations 20 --sd15-latent 64
@@ -92,7 +94,8 @@ class PhaseTimer:
         trainer.denoise = timed
 
 
-def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps: int) -> dict[bool, dict[str, float]]:
+def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps: int, warmup: bool
+        ) -> dict[bool, dict[str, float]]:
     """Both forms side by side on the same seed and weights, their steps interleaved so that load
     on a shared machine hits both alike."""
     trainers, timers, totals, peaks = {}, {}, {}, {}
@@ -108,7 +111,8 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
                 "save": {"path": tmp},
             })
             trainers[batched] = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
-            trainers[batched].step()  # warm-up, not timed
+            if warmup:  # first-call overheads matter on small models only
+                trainers[batched].step()
             timers[batched], totals[batched], peaks[batched] = PhaseTimer(trainers[batched]), 0.0, 0
         for _ in range(iterations):
             for batched, trainer in trainers.items():
@@ -133,19 +137,22 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spinning on a shared machine)")
     parser.add_argument("--denoising-steps", type=int, default=30, help="train.max_denoising_steps (reference: 30)")
-    parser.add_argument("--tiny-iterations", type=int, default=12)
-    parser.add_argument("--sd15-iterations", type=int, default=3)
+    parser.add_argument("--tiny-iterations", type=int, default=10)
+    parser.add_argument("--sd15-iterations", type=int, default=2)
     parser.add_argument("--sd15-latent", type=int, default=8, help="latent side (8 = 64 px for SD)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     rows = [("tiny (test UNet), 16x16 latent", run(tiny_pipeline, 16, args.tiny_iterations, args.device,
-                                                    args.denoising_steps))]
+                                                    args.denoising_steps, warmup=True))]
+    print(rows[-1], flush=True)
     if args.sd15_iterations:
         rows.append((f"SD-1.5-size UNet, {args.sd15_latent}x{args.sd15_latent} latent",
-                     run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps)))
+                     run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps,
+                         warmup=args.device == "cuda")))
+        print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\nDevice: {device}; erase_with_la, 4 anchors, max_denoising_steps={args.denoising_steps}\n")
     print("| model | it/s unbatched | it/s batched | speed-up | loss phase speed-up | denoising share "

@@ -8,7 +8,8 @@ Stages, all with fixed seeds:
 2. an AutoencoderKL (32x32x3 <-> 8x8x4) on the same pool, with the loss weighted towards the shape;
 3. a CLIPTextModel and a UNet2DConditionModel, trained together from scratch on the encoded pool
    with random training-split captions (10 % empty captions, for classifier-free guidance), EMA;
-4. evaluation: the judge on held-out renders, and on images generated from held-out prompts;
+4. a decoder fine-tune with the encoder frozen, so that stripes and dots survive decoding;
+5. evaluation: the judge on held-out renders, and on images generated from held-out prompts;
    then the weights (fp16 safetensors) and a model card go to src/diffusers_spm/assets/concept_world.
 """
 
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from diffusers_spm.concept_world import model as cw_model
 from diffusers_spm.concept_world.judge import Judge, judge_accuracy, make_batch, train_judge
@@ -47,16 +50,25 @@ def render_pool(world: ConceptWorld, n: int, seed: int) -> tuple[np.ndarray, lis
     return images, scenes
 
 
+def foreground_weight(x: torch.Tensor, backgrounds: torch.Tensor) -> torch.Tensor:
+    """x9 weight on the pixels that differ from the background: the shape is a small part of the image."""
+    return 1 + 8 * ((x - backgrounds[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.02).float()
+
+
+def pool_backgrounds(scenes: list) -> torch.Tensor:
+    return torch.tensor([BACKGROUND_RGB[s.background] for s in scenes], dtype=torch.float32) / 255
+
+
 def train_vae(images: np.ndarray, scenes: list, steps: int, batch_size: int, seed: int):
     """Autoencoder with foreground-weighted L1 + MSE and a tiny KL.
 
-    The shape covers a small part of the image; without the foreground weight the decoder spends
-    its first thousand steps on the background and draws grey blobs.
+    Without the foreground weight the decoder spends its first thousand steps on the background
+    and draws grey blobs.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = cw_model.make_vae()
-    backgrounds = torch.tensor([BACKGROUND_RGB[s.background] for s in scenes], dtype=torch.float32) / 255
+    backgrounds = pool_backgrounds(scenes)
     lr = 2e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -65,8 +77,7 @@ def train_vae(images: np.ndarray, scenes: list, steps: int, batch_size: int, see
     for step in bar:
         idx = rng.integers(len(images), size=batch_size)
         x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2)
-        foreground = ((x - backgrounds[idx][:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.02).float()
-        weight = 1 + 8 * foreground
+        weight = foreground_weight(x, backgrounds[idx])
         posterior = vae.encode(x * 2 - 1).latent_dist
         recon = (vae.decode(posterior.sample()).sample + 1) / 2
         err = recon - x
@@ -79,6 +90,55 @@ def train_vae(images: np.ndarray, scenes: list, steps: int, batch_size: int, see
         if step % 50 == 0:
             bar.set_postfix(loss=f"{pixel_loss.item():.4f}")
     return vae.eval()
+
+
+def finetune_decoder(vae, images: np.ndarray, scenes: list, steps: int, batch_size: int, seed: int):
+    """Sharpen the decoder with the encoder frozen, so the latents the UNet learned stay valid.
+
+    Stripes and dots are the last thing an autoencoder learns; an extra loss on image gradients
+    (finite differences) pushes the decoder to draw them.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    backgrounds = pool_backgrounds(scenes)
+    vae.requires_grad_(False)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    lr = 1e-3
+    opt = torch.optim.AdamW(decoder_params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    vae.train()
+    bar = tqdm(range(steps), desc="decoder", mininterval=10)
+    for step in bar:
+        idx = rng.integers(len(images), size=batch_size)
+        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2)
+        weight = foreground_weight(x, backgrounds[idx])
+        with torch.no_grad():
+            z = vae.encode(x * 2 - 1).latent_dist.sample()
+        recon = (vae.decode(z).sample + 1) / 2
+        err = recon - x
+        grad_err = [err.diff(dim=-1), err.diff(dim=-2)]
+        pixel_loss = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
+        edge_loss = sum((weight[..., : e.shape[-2], : e.shape[-1]] * e.abs()).mean() for e in grad_err) / weight.mean()
+        loss = pixel_loss + edge_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{pixel_loss.item():.4f}", edge=f"{edge_loss.item():.4f}")
+    vae.requires_grad_(True)
+    return vae.eval()
+
+
+@torch.no_grad()
+def reconstruction_stats(vae, judge: Judge, images: np.ndarray, targets: list[dict[str, str]]) -> tuple[float, dict[str, float]]:
+    """Mean L1 and judge accuracy of the autoencoder's reconstructions."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    recon = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    recon_np = recon.permute(0, 2, 3, 1).numpy()
+    return float(np.abs(recon_np - images).mean()), judge_accuracy(judge, recon_np, targets)
 
 
 @torch.no_grad()
@@ -112,24 +172,26 @@ class Ema:
             p.copy_(s)
 
 
-def train_diffusion(latents: torch.Tensor, scenes: list, world: ConceptWorld, args: argparse.Namespace):
-    """Text encoder + UNet from scratch, epsilon loss with min-SNR weighting, CFG dropout, EMA."""
-    torch.manual_seed(args.seed + 2)
-    rng = np.random.default_rng(args.seed + 2)
+def train_diffusion(latents: torch.Tensor, scenes: list, world: ConceptWorld, args: argparse.Namespace, steps: int, seed: int, init=None):
+    """Text encoder + UNet (from scratch, or from ``init``), epsilon loss with min-SNR weighting, CFG dropout, EMA."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     tokenizer = cw_model.make_tokenizer()
-    text_encoder = cw_model.make_text_encoder()
-    unet = cw_model.make_unet(tuple(args.unet_channels))
+    if init is None:
+        unet, text_encoder = cw_model.make_unet(tuple(args.unet_channels)), cw_model.make_text_encoder()
+    else:
+        unet, text_encoder = init
     noise_sched = cw_model.make_train_scheduler()
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = min(200, args.steps // 10)
+    warmup = min(200, steps // 10)
 
     def lr_lambda(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
+        progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
@@ -145,7 +207,7 @@ def train_diffusion(latents: torch.Tensor, scenes: list, world: ConceptWorld, ar
 
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(args.steps), desc="unet+text", mininterval=10)
+    bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     running = 0.0
     for step in bar:
         idx = rng.integers(len(latents), size=args.batch_size)
@@ -196,11 +258,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=cw_model.WEIGHTS_DIR)
     parser.add_argument("--quick", action="store_true", help="a few minutes, to check the script end to end")
     parser.add_argument("--eval-only", action="store_true", help="re-evaluate saved weights and rewrite the model card")
+    parser.add_argument(
+        "--resume-steps", type=int, default=0, help="continue training the saved UNet and text encoder this many steps"
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--judge-steps", type=int, default=800)
     parser.add_argument("--pool", type=int, default=30000)
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch-size", type=int, default=32)
+    parser.add_argument("--decoder-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=2200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=8e-4)
@@ -213,7 +279,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     args = parser.parse_args()
     if args.quick:
-        args.judge_steps, args.pool, args.vae_steps, args.steps = 200, 3000, 100, 200
+        args.judge_steps, args.pool, args.vae_steps, args.steps, args.decoder_steps = 200, 3000, 100, 200, 50
     return args
 
 
@@ -231,12 +297,7 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
 
     t0 = time.time()
     vae = train_vae(images, scenes, args.vae_steps, args.vae_batch_size, args.seed + 1)
-    with torch.no_grad():
-        x = torch.from_numpy(test_images[:500]).permute(0, 3, 1, 2)
-        recon = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
-    recon_np = recon.permute(0, 2, 3, 1).numpy()
-    vae_acc = judge_accuracy(judge, recon_np, test_targets[:500])
-    vae_l1 = float(np.abs(recon_np - test_images[:500]).mean())
+    vae_l1, vae_acc = reconstruction_stats(vae, judge, test_images[:500], test_targets[:500])
     logger.info("autoencoder: L1 %.4f, judge accuracy on reconstructions %s", vae_l1, vae_acc)
     latents = encode_pool(vae, images)
     scaling = float(1.0 / latents.std())
@@ -245,8 +306,14 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
     timings["vae"] = time.time() - t0
 
     t0 = time.time()
-    unet, text_encoder = train_diffusion(latents, scenes, world, args)
+    unet, text_encoder = train_diffusion(latents, scenes, world, args, args.steps, args.seed + 2)
     timings["diffusion"] = time.time() - t0
+
+    t0 = time.time()
+    vae = finetune_decoder(vae, images, scenes, args.decoder_steps, args.vae_batch_size, args.seed + 3)
+    decoder_l1, decoder_acc = reconstruction_stats(vae, judge, test_images[:500], test_targets[:500])
+    logger.info("fine-tuned decoder: L1 %.4f, judge accuracy on reconstructions %s", decoder_l1, decoder_acc)
+    timings["decoder"] = time.time() - t0
 
     out = args.output
     if out.exists():
@@ -262,12 +329,36 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
     }
     stats = {
         "judge_heldout_accuracy": judge_acc,
-        "vae_reconstruction_l1": vae_l1,
-        "vae_reconstruction_judge_accuracy": vae_acc,
+        "vae_reconstruction_l1_before_decoder_finetune": vae_l1,
+        "vae_reconstruction_judge_accuracy_before_decoder_finetune": vae_acc,
+        "vae_reconstruction_l1": decoder_l1,
+        "vae_reconstruction_judge_accuracy": decoder_acc,
         "parameters": params,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
+    (out / STATS).write_text(json.dumps(stats, indent=2))
+
+
+def resume(args: argparse.Namespace, world: ConceptWorld) -> None:
+    """More diffusion steps on the saved UNet and text encoder (fresh warm-up and cosine, new EMA)."""
+    out = args.output
+    stats = json.loads((out / STATS).read_text())
+    t0 = time.time()
+    images, scenes = render_pool(world, args.pool, args.seed + 1)
+    vae = AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32)
+    latents = encode_pool(vae, images) * vae.config.scaling_factor
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32)
+    unet, text_encoder = train_diffusion(
+        latents, scenes, world, args, args.resume_steps, args.seed + 4 + stats["args"].get("resumed", 0), init=(unet, text_encoder)
+    )
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
+    stats["timings_s"]["resumed_diffusion"] = round(stats["timings_s"].get("resumed_diffusion", 0) + time.time() - t0, 1)
+    stats["args"]["resumed"] = stats["args"].get("resumed", 0) + 1
+    stats["args"]["resume_steps"] = stats["args"].get("resume_steps", 0) + args.resume_steps
+    stats["args"]["resume_lr"] = args.lr
     (out / STATS).write_text(json.dumps(stats, indent=2))
 
 
@@ -328,7 +419,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     world = ConceptWorld()
-    if not args.eval_only:
+    if args.resume_steps:
+        resume(args, world)
+    elif not args.eval_only:
         train(args, world)
     evaluate(args, world)
 
@@ -360,8 +453,10 @@ image shows. Load it with `diffusers_spm.concept_world.load_concept_world_pipeli
    scaled-linear betas (1000 steps), {a["uncond_prob"]:.0%} empty captions (classifier-free guidance), each attribute
    left out of the caption with probability {a["drop_prob"]}, EMA {a["ema_decay"]}.
    Captions come from the training split of template x synonym combinations only.
+4. **Decoder fine-tune**: {a["decoder_steps"]} steps with the encoder frozen (the UNet's latents stay valid),
+   foreground-weighted L1 + MSE + L1 on image gradients, so that stripes and dots survive decoding.
 Wall time: {t["total"] / 60:.1f} min (judge {t["judge"] / 60:.1f}, autoencoder {t["vae"] / 60:.1f},
-diffusion {t["diffusion"] / 60:.1f}, evaluation {t["eval"] / 60:.1f}).
+diffusion {t["diffusion"] / 60:.1f}, decoder {t["decoder"] / 60:.1f}, evaluation {t["eval"] / 60:.1f}).
 
 ## Sizes
 | component | parameters | stored (fp16 safetensors; judge fp32) |
@@ -372,7 +467,8 @@ tokens that never occur in captions keep their random initialisation. Weights lo
 
 ## Measured accuracy
 - Judge on {2000} held-out renders: shape {j["shape"]:.1%}, colour {j["colour"]:.1%}, texture {j["texture"]:.1%}, joint {j["joint"]:.1%}.
-- Judge on autoencoder reconstructions of 500 held-out renders: joint {r["joint"]:.1%}.
+- Judge on autoencoder reconstructions of 500 held-out renders: shape {r["shape"]:.1%}, colour {r["colour"]:.1%}, texture {r["texture"]:.1%}, joint {r["joint"]:.1%}
+  (before the decoder fine-tune: joint {stats["vae_reconstruction_judge_accuracy_before_decoder_finetune"]["joint"]:.1%}).
 - **Generated images**, {stats["n_generated"]} held-out prompts (every shape x colour x texture, twice, with
   template/synonym combinations never seen in training), one seed each, DDIM {stats["num_inference_steps"]} steps,
   guidance {stats["guidance_scale"]}: shape {g["shape"]:.1%}, colour {g["colour"]:.1%}, texture {g["texture"]:.1%}, **joint {g["joint"]:.1%}**.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -117,6 +116,15 @@ def test_trains_a_v_prediction_model(tmp_path):
     values = trainer.step()
     trainer.close()
     assert all(torch.isfinite(torch.tensor(v)) for v in values.values())
+
+
+def test_half_precision_unet_keeps_an_fp32_membrane(tmp_path):
+    torch.set_num_threads(1)
+    losses = []
+    membrane = train_membrane(config(tmp_path, iterations=2, precision="bf16"), tiny_pipeline(),
+                              callback=lambda step, values: losses.append(values))
+    assert all(m.down.dtype == torch.float32 and m.up.dtype == torch.float32 for m in membrane.modules.values())
+    assert all(torch.isfinite(torch.tensor(v["loss"])) for v in losses) and losses[-1]["anchor"] > 0
 
 
 # ---------------------------------------------------------------------- batching, resume

@@ -35,10 +35,10 @@ class JudgeConfig:
     shapes: tuple[str, ...]
     colours: tuple[str, ...]
     textures: tuple[str, ...]
-    width: int = 32
+    width: int = 16
 
     @classmethod
-    def for_world(cls, world: ConceptWorld, width: int = 32) -> "JudgeConfig":
+    def for_world(cls, world: ConceptWorld, width: int = 16) -> "JudgeConfig":
         return cls(world.shapes, world.colours, world.textures, width)
 
     def names(self, kind: str) -> tuple[str, ...]:
@@ -122,11 +122,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_judge(
     world: ConceptWorld,
-    steps: int = 1500,
+    steps: int = 800,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
-    width: int = 32,
+    width: int = 16,
     pool: tuple[np.ndarray, dict[str, np.ndarray]] | None = None,
 ) -> Judge:
     """Train a judge on fresh renders, or on a pre-rendered ``pool`` (images, labels) to save time."""

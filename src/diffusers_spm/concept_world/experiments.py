@@ -1,0 +1,144 @@
+"""Erasing measured on the concept world: train membranes with the real trainer, compare conditions.
+
+The paper's protocol in miniature: erasure of the target concept, preservation of the others and
+alteration of non-target images, for no membrane, a plain LoRA, SPM without and with Latent
+Anchoring, and SPM with Facilitated Transport; then several concepts at once, the transport
+metrics side by side, and a sweep of `la_strength`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..membrane import Membrane
+from ..pipeline import add_spm_support
+from ..training import TrainingConfig, train_membrane
+from .judge import Judge
+from .metrics import ConceptMetrics, evaluate_concepts, reference_images
+from .model import WEIGHTS_DIR
+from .world import ConceptWorld
+
+logger = logging.getLogger(__name__)
+
+MEMBRANES_DIR = WEIGHTS_DIR / "membranes"
+
+
+@dataclass(frozen=True)
+class WorldTraining:
+    """The training settings that work on the world (see docs/concept-world.md for the sweep)."""
+
+    iterations: int = 200
+    lr: float = 1e-3
+    la_strength: float = 1.0
+    max_denoising_steps: int = 10
+    seed: int = 0
+
+
+def training_config(concept: str, action: str, settings: WorldTraining, output: Path) -> TrainingConfig:
+    """A trainer config for one world concept, erased towards the empty prompt."""
+    return TrainingConfig.from_dict({
+        "pretrained_model": {"name_or_path": str(WEIGHTS_DIR)},
+        "concepts": [{"target": concept, "action": action, "la_strength": settings.la_strength,
+                      "resolution": 32, "guidance_scale": 1.0, "sampling_batch_size": 4, "batch_size": 1}],
+        "network": {"rank": 1, "alpha": 1.0},
+        "train": {"iterations": settings.iterations, "lr": settings.lr, "optimizer_type": "AdamW",
+                  "lr_scheduler": "constant", "lr_warmup_steps": 0, "max_denoising_steps": settings.max_denoising_steps,
+                  "seed": settings.seed, "device": "cpu"},
+        "save": {"name": concept, "path": str(output), "per_steps": settings.iterations},
+    })
+
+
+def train_world_membrane(pipe: Any, concept: str, output: Path, action: str = "erase_with_la",
+                         settings: WorldTraining = WorldTraining()) -> Path:
+    """Train one membrane on the world's pipeline and save it as `<output>/<concept>_<action>.safetensors`."""
+    membrane: Membrane = train_membrane(training_config(concept, action, settings, output / "runs"), pipeline=pipe)
+    return membrane.save(output / f"{concept}_{action}.safetensors")
+
+
+@dataclass
+class Condition:
+    """One row of the comparison: how the membranes are applied."""
+
+    label: str
+    files: Sequence[Path] = ()
+    transport: bool = True
+    metric: str = "clipcos_tokenuni"
+    power: float = 2.0
+    as_lora: bool = False
+
+
+@dataclass
+class Comparison:
+    erased: list[str]
+    rows: dict[str, ConceptMetrics] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"erased": self.erased, "rows": {k: v.as_dict() for k, v in self.rows.items()}}
+
+    def markdown(self) -> str:
+        lines = [f"Erased: {', '.join(self.erased)}", "",
+                 "| condition | erasure ↑ | preservation ↑ | alteration ↓ |", "|---|---|---|---|"]
+        for label, m in self.rows.items():
+            alteration = "" if m.alteration is None else f"{m.alteration:.4f}"
+            lines.append(f"| {label} | {m.erasure:.3f} | {m.preservation:.3f} | {alteration} |")
+        return "\n".join(lines)
+
+
+def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str], conditions: Sequence[Condition],
+            **evaluation: Any) -> Comparison:
+    """Evaluate every condition on the same prompts and seeds; the pipeline is left without membranes."""
+    add_spm_support(pipe)
+    result = Comparison(list(erased))
+    reference = reference_images(pipe, world, erased, **_reference_kwargs(evaluation))
+    for condition in conditions:
+        try:
+            for index, file in enumerate(condition.files):
+                if condition.as_lora:
+                    pipe.load_lora_weights(str(file), adapter_name=f"lora{index}")
+                else:
+                    pipe.load_spm(file, adapter_name=f"m{index}")
+            if condition.files and not condition.as_lora:
+                pipe.set_spm_transport(condition.transport, metric=condition.metric, power=condition.power)
+            result.rows[condition.label] = evaluate_concepts(pipe, judge, world, erased, reference=reference,
+                                                             **evaluation)
+        finally:
+            pipe.unload_spm()
+            if condition.as_lora:
+                pipe.unload_lora_weights()
+    return result
+
+
+def _reference_kwargs(evaluation: dict[str, Any]) -> dict[str, Any]:
+    keys = ("preserve_prompts_per_concept", "num_inference_steps", "guidance_scale", "seed")
+    return {k: v for k, v in evaluation.items() if k in keys}
+
+
+def write_report(comparisons: dict[str, Comparison], output: Path) -> tuple[Path, Path]:
+    """`results.json` and `results.md` in `output`."""
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / "results.json"
+    json_path.write_text(json.dumps({k: c.as_dict() for k, c in comparisons.items()}, indent=2))
+    md_path = output / "results.md"
+    md_path.write_text("\n\n".join(f"## {title}\n\n{c.markdown()}" for title, c in comparisons.items()) + "\n")
+    return json_path, md_path
+
+
+def write_grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, columns: int = 8, scale: int = 3) -> Path:
+    """A PNG with one row of images per labelled set (e.g. base, then with the membrane), same prompts."""
+    tiles = [np.asarray(images[:columns]) for _, images in rows]
+    size = tiles[0].shape[1] * scale
+    grid = Image.new("RGB", (columns * size, len(tiles) * size), "white")
+    for r, images in enumerate(tiles):
+        for c, image in enumerate(images):
+            tile = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+            grid.paste(tile, (c * size, r * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path

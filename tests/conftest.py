@@ -10,9 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffusers_spm import StableDiffusionSPMPipeline
+from diffusers_spm import StableDiffusionSPMPipeline, StableDiffusionXLSPMPipeline
 
 # Tiny models: one intra-op thread is faster than two fighting over a loaded 2-core machine.
 torch.set_num_threads(1)
@@ -63,6 +63,29 @@ def tiny_components(seed: int = 0) -> dict:
 
 def tiny_pipeline(seed: int = 0, cls=StableDiffusionSPMPipeline):
     pipe = cls(**tiny_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0, cls=StableDiffusionXLSPMPipeline):
+    """SDXL-shaped: two text encoders (32 + 32 = 64 wide), pooled embeddings and time ids."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32,
+    )
+    text_config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                                 intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    components = tiny_components(seed)
+    pipe = cls(
+        vae=components["vae"], text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=components["tokenizer"],
+        tokenizer_2=components["tokenizer"], unet=unet, scheduler=components["scheduler"],
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

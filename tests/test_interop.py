@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    ControlNetModel,
-    EulerDiscreteScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-from conftest import TOKENIZER_DIR, tiny_components, tiny_pipeline
-from diffusers_spm import Membrane, StableDiffusionImg2ImgSPMPipeline, StableDiffusionXLSPMPipeline, add_spm_support
+from conftest import tiny_components, tiny_pipeline, tiny_sdxl_pipeline
+from diffusers_spm import Membrane, StableDiffusionImg2ImgSPMPipeline, add_spm_support
 from diffusers_spm.commands import convert
 from reference_spm import random_membrane
 from test_runtime import unet_inputs
@@ -127,30 +120,8 @@ def test_img2img_pipeline(tmp_path):
     assert np.abs(run("a photo of snoopy") - base).max() > 1e-3
 
 
-def tiny_sdxl():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=1,
-    )
-    components = tiny_components()
-    config = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
-                  num_attention_heads=4, num_hidden_layers=5, vocab_size=49408, hidden_act="gelu", projection_dim=32)
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
-    pipe = StableDiffusionXLSPMPipeline(
-        unet=unet, vae=components["vae"], scheduler=EulerDiscreteScheduler(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**config)), tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer_2=tokenizer,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_sdxl_pipeline_with_transport(tmp_path):
-    pipe = tiny_sdxl()
+    pipe = tiny_sdxl_pipeline()
     random_membrane(pipe.unet, ["snoopy"], seed=1, std=0.3).save(tmp_path / "s.safetensors")
     run = lambda p: pipe(p, num_inference_steps=2, height=32, width=32, output_type="np",
                          generator=torch.Generator().manual_seed(0)).images

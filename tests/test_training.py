@@ -10,7 +10,9 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from conftest import TOKENIZER_DIR, tiny_components, tiny_pipeline
+from diffusers import StableDiffusionXLPipeline
+
+from conftest import tiny_components, tiny_pipeline, tiny_sdxl_pipeline
 from diffusers_spm import Membrane
 from diffusers_spm.training import TrainingConfig, train_membrane
 from diffusers_spm.training.anchors import sample_anchor_embeddings
@@ -345,32 +347,6 @@ def test_model_card_and_push_without_network(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- SDXL
-def tiny_xl_pipeline():
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32,
-    )
-    text_config = CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
-                                 intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-                                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
-    components = tiny_components()
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
-    pipe = StableDiffusionXLPipeline(
-        vae=components["vae"], text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer=tokenizer, tokenizer_2=tokenizer,
-        unet=unet, scheduler=components["scheduler"],
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_sdxl_trains_through_the_same_trainer(tmp_path):
     torch.set_num_threads(1)
     concept = {"target": "snoopy", "action": "erase_with_la", "resolution": 32, "la_strength": 1.0,
@@ -379,7 +355,7 @@ def test_sdxl_trains_through_the_same_trainer(tmp_path):
     for batched in (True, False):
         losses = []
         cfg = config(tmp_path / str(batched), [concept], iterations=2, batch_unet_calls=batched)
-        runs[batched] = (train_membrane(cfg, tiny_xl_pipeline(), callback=lambda s, v: losses.append(v)), losses)
+        runs[batched] = (train_membrane(cfg, tiny_sdxl_pipeline(cls=StableDiffusionXLPipeline), callback=lambda s, v: losses.append(v)), losses)
     membrane, losses = runs[True]
     assert membrane.cross_attention_dim == 64
     assert any("attn2_to_k" in name for name in membrane.modules)

@@ -116,8 +116,8 @@ def main() -> None:
     print(f"\nSD 1.5 UNet, random weights, {device} {args.dtype}, latent {args.latent}x{args.latent}, batch 2, "
           f"median of {args.repeats} alternating rounds")
     print(f"merged weights held during a call: {adapted_bytes / 2**20:.0f} MiB (one copy of the 192 adapted layers)\n")
-    print(f"| N | configuration | ratio to plain UNet | seconds/step | plain seconds/step |")
-    print(f"|---|---|---|---|---|")
+    print("| N | configuration | ratio to plain UNet | seconds/step | plain seconds/step |")
+    print("|---|---|---|---|---|")
     for n, label, ratio, step_seconds, plain_seconds in rows:
         if step_seconds is None:
             print(f"| {n} | {label} | {ratio:.3f} s | | |")

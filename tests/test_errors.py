@@ -7,7 +7,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from conftest import tiny_pipeline
 from diffusers_spm import MembraneController, MembraneFormatError
 from diffusers_spm.commands import convert
 from reference_spm import random_membrane

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from diffusers import StableDiffusionXLPipeline
 
-from conftest import tiny_components, tiny_pipeline, tiny_sdxl_pipeline
+from conftest import tiny_pipeline, tiny_sdxl_pipeline
 from diffusers_spm import Membrane
 from diffusers_spm.training import TrainingConfig, train_membrane
 from diffusers_spm.training.anchors import sample_anchor_embeddings

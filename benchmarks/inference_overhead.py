@@ -12,7 +12,7 @@ Configurations, for N membranes:
 - `peft set_adapters`: diffusers/PEFT with N rank-1 LoRA adapters active;
 - `reference separate`: N adapters patched in one after another, as the reference applies them.
 
-    python benchmarks/inference_overhead.py [--latent 32] [--repeats 3] [--device cpu] [--dtype fp32]
+    python benchmarks/inference_overhead.py [--latent 32] [--repeats 3] [--device cpu] [--dtype fp32] [--threads 1]
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 5, 20])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype, device = DTYPES[args.dtype], args.device
 
     torch.manual_seed(0)
@@ -113,7 +116,7 @@ def main() -> None:
             rows += [(n, label, *result) for label, result in results.items()]
             rows.append((n, "merge cost per call (s)", merge_cost, None, None))
 
-    print(f"\nSD 1.5 UNet, random weights, {device} {args.dtype}, latent {args.latent}x{args.latent}, batch 2, "
+    print(f"\nSD 1.5 UNet, random weights, {device} {args.dtype}, {torch.get_num_threads()} threads, latent {args.latent}x{args.latent}, batch 2, "
           f"median of {args.repeats} alternating rounds")
     print(f"merged weights held during a call: {adapted_bytes / 2**20:.0f} MiB (one copy of the 192 adapted layers)\n")
     print("| N | configuration | ratio to plain UNet | seconds/step | plain seconds/step |")

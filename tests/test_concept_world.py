@@ -16,10 +16,12 @@ from diffusers_spm.concept_world import (
     KINDS,
     SHAPES,
     TEXTURES,
+    WEIGHTS_DIR,
     ConceptWorld,
     alteration,
     concept_cases,
     evaluate_concepts,
+    generate_images,
     judge_accuracy,
     load_concept_world_pipeline,
     load_judge,
@@ -222,14 +224,22 @@ def test_shipped_pipeline_loads_offline_and_generates(monkeypatch):
 
 
 @needs_weights
+def test_shipped_judge_reads_renders_and_assets_stay_small():
+    world = ConceptWorld()
+    images, labels = make_batch(world, 300, np.random.default_rng(2024))
+    targets = [{k: world.names(k)[labels[k][i]] for k in KINDS} for i in range(300)]
+    assert judge_accuracy(load_judge(), images, targets)["joint"] >= 0.98
+    total = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert total < 25 * 2**20
+
+
+@needs_weights
 def test_shipped_model_draws_the_concept_named():
     world = ConceptWorld()
     pipe = load_concept_world_pipeline()
     judge = load_judge()
     rng = np.random.default_rng(5)
     prompts = [world.sample_caption(world.sample_scene(rng), rng, split="heldout") for _ in range(16)]
-    from diffusers_spm.concept_world import generate_images
-
     images = generate_images(pipe, [p.text for p in prompts], seeds=list(range(16)), num_inference_steps=20)
     acc = judge_accuracy(judge, images, [p.named() for p in prompts])
     assert acc["shape"] >= 0.75 and acc["colour"] >= 0.75 and acc["texture"] >= 0.75

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "diffusers_spm.commands",
     "diffusers_spm.training.cli",
     "diffusers_spm.evaluation.cli",
+    "diffusers_spm.concept_world.demo",
 )
 
 

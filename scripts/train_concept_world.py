@@ -1,6 +1,7 @@
 """Train the concept world's judge and tiny text-to-image model, and write them as package data.
 
-    HF_HUB_OFFLINE=1 python scripts/train_concept_world.py            # the shipped model (~35 min, 2 CPU cores)
+    HF_HUB_OFFLINE=1 python scripts/train_concept_world.py            # stages 1-5 (~42 min on 2 shared CPU cores)
+    HF_HUB_OFFLINE=1 python scripts/train_concept_world.py --resume-steps 1400 --lr 5e-4   # what was shipped, after the above
     HF_HUB_OFFLINE=1 python scripts/train_concept_world.py --quick --output /tmp/cw   # a smoke run
 
 Stages, all with fixed seeds:
@@ -461,7 +462,9 @@ image shows. Load it with `diffusers_spm.concept_world.load_concept_world_pipeli
    Captions come from the training split of template x synonym combinations only.{resumed}
 4. **Decoder fine-tune**: {a["decoder_steps"]} steps with the encoder frozen (the UNet's latents stay valid),
    foreground-weighted L1 + MSE + L1 on image gradients, so that stripes and dots survive decoding.
-Wall time: {t["total"] / 60:.1f} min (judge {t["judge"] / 60:.1f}, autoencoder {t["vae"] / 60:.1f},
+To reproduce: `python scripts/train_concept_world.py`, then
+`python scripts/train_concept_world.py --resume-steps {a.get("resume_steps", 0)} --lr {a.get("resume_lr", a["lr"])}` if resumed.
+Wall time on a 2-core CPU shared with other jobs: {t["total"] / 60:.1f} min (judge {t["judge"] / 60:.1f}, autoencoder {t["vae"] / 60:.1f},
 diffusion {t["diffusion"] / 60:.1f}, resumed diffusion {t.get("resumed_diffusion", 0) / 60:.1f}, decoder {t["decoder"] / 60:.1f},
 evaluation {t["eval"] / 60:.1f}).
 

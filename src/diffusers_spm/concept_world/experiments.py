@@ -34,9 +34,9 @@ MEMBRANES_DIR = WEIGHTS_DIR / "membranes"
 class WorldTraining:
     """The training settings that work on the world (see docs/concept-world.md for the sweep)."""
 
-    iterations: int = 200
-    lr: float = 1e-3
-    la_strength: float = 1.0
+    iterations: int = 300
+    lr: float = 1e-2
+    la_strength: float = 10.0
     max_denoising_steps: int = 10
     seed: int = 0
 

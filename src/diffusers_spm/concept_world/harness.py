@@ -17,7 +17,7 @@ from ..evaluation.metrics import Sample
 from ..evaluation.prompts import PromptJob
 from ..evaluation.tasks import Task
 from .judge import Judge
-from .metrics import concept_cases, judged_hits, preservation_cases
+from .metrics import evaluation_cases, judged_hits
 from .world import ConceptWorld
 
 ERASE, KEEP = "erase", "keep"
@@ -52,9 +52,9 @@ def concept_world_task(
     batch_size: int = 64,
 ) -> Task:
     """The same cases as `evaluate_concepts(..., erased, same counts, same seed)`."""
-    cases = [(c, ERASE) for c in concept_cases(world, erased, prompts_per_concept, seeds_per_prompt, avoid=erased,
-                                                seed=seed)]
-    cases += [(c, KEEP) for c in preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)]
+    erase, keep = evaluation_cases(world, erased, prompts_per_concept, seeds_per_prompt, preserve_prompts_per_concept,
+                                   seed)
+    cases = [(c, ERASE) for c in erase] + [(c, KEEP) for c in keep]
     jobs = [PromptJob(i, case.prompt, case.seed, meta={"case": case, "role": role}) for i, (case, role) in enumerate(cases)]
     size = world.image_size
     settings = GenerationSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, width=size,

@@ -156,8 +156,9 @@ def evaluate_concepts(
     ``reference`` is what :func:`reference_images` returns for the pipeline without membranes (same
     world, erased list and counts); without it alteration is ``None``.
     """
-    erase_cases = concept_cases(world, erased, prompts_per_concept, seeds_per_prompt, avoid=erased, seed=seed)
-    keep_cases = preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)
+    erase_cases, keep_cases = evaluation_cases(
+        world, erased, prompts_per_concept, seeds_per_prompt, preserve_prompts_per_concept, seed
+    )
     kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress)
     erase_images = generate_images(pipe, [c.prompt for c in erase_cases], [c.seed for c in erase_cases], **kwargs)
     keep_images = generate_images(pipe, [c.prompt for c in keep_cases], [c.seed for c in keep_cases], **kwargs)
@@ -177,6 +178,19 @@ def evaluate_concepts(
         ", ".join(erased), result.erasure, result.preservation, result.alteration,
     )
     return result
+
+
+def evaluation_cases(
+    world: ConceptWorld,
+    erased: Sequence[str],
+    prompts_per_concept: int = 8,
+    seeds_per_prompt: int = 2,
+    preserve_prompts_per_concept: int = 4,
+    seed: int = 0,
+) -> tuple[list[PromptCase], list[PromptCase]]:
+    """The images of one evaluation: prompts naming each erased concept, and the non-target prompts."""
+    erase = concept_cases(world, erased, prompts_per_concept, seeds_per_prompt, avoid=erased, seed=seed)
+    return erase, preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)
 
 
 def preservation_cases(world: ConceptWorld, erased: Sequence[str], prompts_per_concept: int = 4, seed: int = 0) -> list[PromptCase]:

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from diffusers_spm import Membrane, MembraneController, MembraneModule, membrane_targets
+from diffusers_spm import MembraneController
 from diffusers_spm.cli import main
 from diffusers_spm.evaluation import (
     IMAGENET_TEMPLATES,
@@ -33,6 +33,7 @@ from diffusers_spm.evaluation import (
     read_prompt_csv,
 )
 from diffusers_spm.evaluation.metrics import NUDENET_EXPOSED
+from reference_spm import random_membrane
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 FAST = dict(size=32, num_inference_steps=2, batch_size=4)
@@ -53,26 +54,8 @@ class TinyFeatures(nn.Module):
 
 
 def save_membrane(unet: nn.Module, path: Path, std: float, concepts: list[str]) -> str:
-    generator = torch.Generator().manual_seed(1)
-    modules = {}
-    for name, (_, layer) in membrane_targets(unet).items():
-        if isinstance(layer, nn.Linear):
-            down, up = torch.randn(1, layer.in_features, generator=generator), torch.randn(layer.out_features, 1, generator=generator)
-        else:
-            down = torch.randn(1, layer.in_channels, *layer.kernel_size, generator=generator)
-            up = torch.randn(layer.out_channels, 1, 1, 1, generator=generator)
-        modules[name] = MembraneModule(down * std, up * std, 1.0)
-    Membrane(modules, concepts).save(path)
+    random_membrane(unet, concepts, seed=1, std=std).save(path)
     return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build_assets(root: Path) -> dict[str, str]:

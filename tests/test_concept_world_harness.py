@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from PIL import Image
 
 from diffusers_spm import add_spm_support
 from diffusers_spm.concept_world import ConceptWorld, evaluate_concepts, load_concept_world_pipeline, load_judge
@@ -37,3 +40,16 @@ def test_harness_reproduces_the_world_figures(tmp_path):
         assert scores["erasure"] == pytest.approx(direct[name].erasure, abs=1 / 6 + 1e-9)
         assert scores["preservation"] == pytest.approx(direct[name].preservation, abs=1 / 14 + 1e-9)
     assert direct["spm"].preservation != direct["base"].preservation or direct["spm"].erasure != direct["base"].erasure
+
+
+def test_demo_with_the_shipped_membrane_writes_table_and_grid(tmp_path):
+    from diffusers_spm.concept_world.demo import run_demo
+
+    files = run_demo(tmp_path, "red", train=False, prompts_per_concept=2, seeds_per_prompt=1,
+                     preserve_prompts_per_concept=1, num_inference_steps=8)
+    results = json.loads(files["json"].read_text())["Erasing red"]["rows"]
+    assert set(results) == {"no membrane", "SPM (LA + transport)"}
+    assert results["SPM (LA + transport)"]["erasure"] > results["no membrane"]["erasure"]
+    assert files["grid"].exists() and Image.open(files["grid"]).size == (8 * 96, 2 * 96)
+    with pytest.raises(FileNotFoundError, match="shipped: blue, green, red"):
+        run_demo(tmp_path, "circle", train=False)

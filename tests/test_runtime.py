@@ -236,3 +236,21 @@ def test_unet_state_dict_stays_the_users(pipe, snoopy):
     assert set(pipe.unet.state_dict()) == keys
     pipe.unet.load_state_dict(tiny_unet(seed=4).state_dict(), strict=True)  # e.g. swapping in a fine-tune
     assert pipe.get_active_spms() == ["snoopy"]
+
+
+def test_eoscos_rates_compare_end_of_text_outputs(pipe, snoopy):
+    _, path = snoopy
+    pipe.load_spm(path)
+    pipe.set_spm_transport(True, metric="eoscos")
+    prompts = ["a red car on a road", "a photo of snoopy"]
+    rates = pipe.get_spm_transport_rates(prompts)["snoopy"]
+    embeds = pipe.encode_prompt(prompts + ["snoopy"], "cpu", 1, False)[0]
+    ends = [ids.index(49407) for ids in pipe.tokenizer(prompts + ["snoopy"], padding="max_length", max_length=77).input_ids]
+    pooled = [embeds[i, e] for i, e in enumerate(ends)]
+    for i in range(2):
+        expected = torch.cosine_similarity(pooled[i], pooled[2], dim=0).clamp(0, 1).item()
+        assert rates[i] == pytest.approx(expected, abs=1e-5)
+    flattened = pipe.get_spm_transport_rates(prompts)  # still eoscos: settings persist
+    assert flattened["snoopy"] == rates
+    pipe.set_spm_transport(True, metric="eoscos_tokenuni")
+    assert pipe.get_spm_transport_rates(prompts)["snoopy"][1] == pytest.approx(1.0)  # token overlap

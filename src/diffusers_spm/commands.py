@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .membrane import PICKLE_SUFFIXES, Membrane
+from .transport import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--prompt", action="append", required=True, help="repeatable")
     generate.add_argument("--scale", type=float, default=1.0)
     generate.add_argument("--no-transport", action="store_true", help="fixed gates instead of Facilitated Transport")
-    generate.add_argument("--metric", default="clipcos_tokenuni", choices=("clipcos", "tokenuni", "clipcos_tokenuni"))
+    generate.add_argument("--metric", default="clipcos_tokenuni", choices=METRICS)
     generate.add_argument("--power", type=float, default=2.0)
     generate.add_argument("--steps", type=int, default=30)
     generate.add_argument("--guidance", type=float, default=7.5)

@@ -74,6 +74,7 @@ class AdapterState:
     scale: float = 1.0
     concept_embeds: torch.Tensor | None = None
     concept_tokens: list[set[int]] | None = None
+    concept_ends: list[int] | None = None  # end-of-text positions, for the `eoscos` metrics
 
 
 @dataclass

@@ -29,7 +29,7 @@ from diffusers import (
 from .hub import resolve_membrane
 from .membrane import Membrane
 from .model import CallGates, MembraneController
-from .transport import TransportConfig, TransportRate, gates_from_rates
+from .transport import TransportConfig, TransportRate, at_end_of_text, gates_from_rates
 
 logger = logging.getLogger(__name__)
 
@@ -189,10 +189,13 @@ class SPMPipelineMixin:
         """[P, N] raw rates with the controller's metric."""
         self._spm_prepare_concepts(controller)
         states = list(controller.adapters.values())
-        prompt_embeds, prompt_tokens = self._spm_encode(prompts)
+        prompt_embeds, prompt_tokens, prompt_ends = self._spm_encode(prompts)
         concept_embeds = torch.cat([s.concept_embeds for s in states])
         concept_tokens = [t for s in states for t in s.concept_tokens]
         rate = TransportRate(controller.transport.metric)
+        if rate.pools_end_of_text:
+            prompt_embeds = at_end_of_text(prompt_embeds, prompt_ends)
+            concept_embeds = at_end_of_text(concept_embeds, [e for s in states for e in s.concept_ends])
         scores = rate.concept_scores(prompt_embeds, prompt_tokens, concept_embeds, concept_tokens)
         return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
 
@@ -205,19 +208,22 @@ class SPMPipelineMixin:
                         f"Membrane {name!r} names no concepts in its metadata, so Facilitated Transport cannot rate "
                         "prompts against it. Use `pipe.set_spm_transport(False)`, or re-save it with its concepts."
                     )
-                state.concept_embeds, state.concept_tokens = self._spm_encode(state.membrane.concepts)
+                state.concept_embeds, state.concept_tokens, state.concept_ends = self._spm_encode(
+                    state.membrane.concepts
+                )
 
     @torch.no_grad()
-    def _spm_encode(self, texts: list[str]) -> tuple[torch.Tensor, list[set[int]]]:
-        """Text embeddings as the UNet sees them (`encode_prompt`), and token sets without specials."""
+    def _spm_encode(self, texts: list[str]) -> tuple[torch.Tensor, list[set[int]], list[int]]:
+        """Text embeddings as the UNet sees them (`encode_prompt`), token sets without specials, and
+        each text's end-of-text position."""
         embeds = self.encode_prompt(
             prompt=texts, device=self._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )[0]
         ids = self.tokenizer(
             texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
         ).input_ids
-        special = set(self.tokenizer.all_special_ids)
-        return embeds, [set(row) - special for row in ids]
+        special, end = set(self.tokenizer.all_special_ids), self.tokenizer.eos_token_id
+        return embeds, [set(row) - special for row in ids], [row.index(end) for row in ids]
 
     def _spm_controller(self) -> MembraneController:
         controller = MembraneController.of(self.unet)

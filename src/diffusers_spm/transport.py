@@ -8,6 +8,11 @@ and takes `max(clipcos, tokenuni)` (metric `clipcos_tokenuni`). A membrane's rat
 its concepts. The gate applied to the membrane is `user_scale * rate ** power`: `power=2`
 reproduces the reference's effective strength for one membrane (it scales both `lora_down` and
 `lora_up` by the rate), `power=1` is the paper's linear reading.
+
+`eoscos` (ours) is the cosine of the text encoder's output at each text's end-of-text token, the
+position CLIP pools: it ignores the padding that makes the flattened cosine high for every
+prompt. Without tokens (a plain UNet call) the end-of-text position is unknown, so the flattened
+cosine is used.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Literal, Sequence
 
 import torch
 
-Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni"]
-METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni")
+Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni"]
+METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni")
 CFG_ROWS: tuple[str, ...] = ("paired", "own")
 
 
@@ -49,6 +54,12 @@ def clipcos(prompt_embeds: torch.Tensor, concept_embeds: torch.Tensor) -> torch.
     return prompts @ concepts.T
 
 
+def at_end_of_text(embeds: torch.Tensor, end_positions: Sequence[int]) -> torch.Tensor:
+    """[P, L, D] -> [P, 1, D]: each text's output at its end-of-text token."""
+    index = torch.as_tensor(list(end_positions), device=embeds.device)
+    return embeds[torch.arange(embeds.shape[0], device=embeds.device), index].unsqueeze(1)
+
+
 def tokenuni(prompt_tokens: Sequence[set[int]], concept_tokens: Sequence[set[int]]) -> torch.Tensor:
     """Share of each concept's tokens present in each prompt, [P, C]. An empty concept scores 0."""
     return torch.tensor(
@@ -64,6 +75,7 @@ class TransportRate:
         if metric not in METRICS:
             raise ValueError(f"Unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}.")
         self.metric = metric
+        self.pools_end_of_text = metric.startswith("eoscos")
 
     def concept_scores(
         self,
@@ -72,9 +84,11 @@ class TransportRate:
         concept_embeds: torch.Tensor,
         concept_tokens: Sequence[set[int]],
     ) -> torch.Tensor:
-        """[P, C]. Without prompt tokens (a plain UNet call) only the embedding term can be used."""
+        """[P, C]. Without prompt tokens (a plain UNet call) only the embedding term can be used.
+
+        For `eoscos` metrics the caller passes the end-of-text outputs (`at_end_of_text`)."""
         scores = []
-        if "clipcos" in self.metric or prompt_tokens is None:
+        if "cos" in self.metric or prompt_tokens is None:
             scores.append(clipcos(prompt_embeds, concept_embeds).cpu())
         if "tokenuni" in self.metric and prompt_tokens is not None:
             scores.append(tokenuni(prompt_tokens, concept_tokens))

@@ -1,10 +1,16 @@
-"""Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`).
+"""Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`), and the
+reference's loop.
 
-Runs the same seeded iterations in both forms, their steps interleaved, on (1) the tiny test
+Runs the same seeded iterations in three forms, their steps interleaved, on (1) the tiny test
 pipeline and (2) a UNet of SD-1.5 size (`UNet2DConditionModel` defaults with 768-wide
-cross-attention, random weights) at a small latent size, and prints one table. The partial
-denoising (k CFG steps with the membrane on, k ~ U[1, T)) is the same in both forms; the "loss
-phase" is the rest of the step, the part that batching changes. Peak memory is the peak RSS above
+cross-attention, random weights) at a small latent size, and prints one table. The forms:
+- "reference": the reference's loop: unbatched calls, and the partial denoising runs the
+  membrane as an adapter beside each layer (`with network:` in the reference);
+- "unbatched": `batch_unet_calls: false`; the membrane is merged into the weights for the
+  denoising loop, as in all our training;
+- "batched": `batch_unet_calls: true` (the default).
+The partial denoising (k CFG steps with the membrane on, k ~ U[1, T)) is the same in the last two;
+the "loss phase" is the rest of the step, the part that batching changes. Peak memory is the peak RSS above
 the RSS at the start of each iteration (CPU, sampled every 2 ms), or the growth of
 `torch.cuda.max_memory_allocated` (GPU).
 
@@ -15,6 +21,7 @@ the RSS at the start of each iteration (CPU, sampled every 2 ms), or the growth 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -94,13 +101,17 @@ class PhaseTimer:
         trainer.denoise = timed
 
 
+FORMS = ("reference", "unbatched", "batched")
+
+
 def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps: int, warmup: bool
-        ) -> dict[bool, dict[str, float]]:
-    """Both forms side by side on the same seed and weights, their steps interleaved so that load
-    on a shared machine hits both alike."""
+        ) -> dict[str, dict[str, float]]:
+    """The forms side by side on the same seed and weights, their steps interleaved so that load
+    on a shared machine hits all alike."""
     trainers, timers, totals, peaks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for batched in (True, False):
+        for form in FORMS:
+            batched = form == "batched"
             pipe = pipe_factory()
             config = TrainingConfig.from_dict({
                 "pretrained_model": {"name_or_path": "benchmark"},
@@ -110,12 +121,16 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
                           "max_denoising_steps": denoising_steps, "batch_unet_calls": batched, "device": device},
                 "save": {"path": tmp},
             })
-            trainers[batched] = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
+            trainer = trainers[form] = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
+            if form == "reference":
+                # Without a pipeline-call scope the layers add U(Dx) beside the frozen weight on
+                # every call instead of using merged weights: what the reference's network does.
+                trainer.controller.pipeline_call = lambda call: contextlib.nullcontext()
             if warmup:  # first-call overheads matter on small models only
-                trainers[batched].step()
-            timers[batched], totals[batched], peaks[batched] = PhaseTimer(trainers[batched]), 0.0, 0
+                trainer.step()
+            timers[form], totals[form], peaks[form] = PhaseTimer(trainer), 0.0, 0
         for _ in range(iterations):
-            for batched, trainer in trainers.items():
+            for form, trainer in trainers.items():
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -125,13 +140,14 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
                     trainer.step()
                     if device == "cuda":
                         torch.cuda.synchronize()
-                    totals[batched] += time.perf_counter() - start
+                    totals[form] += time.perf_counter() - start
                 used = torch.cuda.max_memory_allocated() - base if device == "cuda" else rss.peak - rss.base
-                peaks[batched] = max(peaks[batched], used)
+                peaks[form] = max(peaks[form], used)
         for trainer in trainers.values():
             trainer.close()
-    return {b: {"its": iterations / totals[b], "loss_its": iterations / (totals[b] - timers[b].denoise),
-                "denoise_share": timers[b].denoise / totals[b], "peak_mb": peaks[b] / 2**20} for b in trainers}
+    return {f: {"its": iterations / totals[f], "loss_its": iterations / (totals[f] - timers[f].denoise),
+                "denoise_its": iterations / timers[f].denoise, "denoise_share": timers[f].denoise / totals[f],
+                "peak_mb": peaks[f] / 2**20} for f in trainers}
 
 
 def main() -> None:
@@ -155,14 +171,16 @@ def main() -> None:
         print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\nDevice: {device}; erase_with_la, 4 anchors, max_denoising_steps={args.denoising_steps}\n")
-    print("| model | it/s unbatched | it/s batched | speed-up | loss phase speed-up | denoising share "
-          "(unbatched / batched) | peak MB unbatched | peak MB batched |")
+    print("| model | it/s reference / unbatched / batched | batched vs unbatched | batched vs reference | "
+          "loss phase: batched vs unbatched | denoising: merged vs adapter | denoising share (unbatched / batched) | "
+          "peak MB reference / unbatched / batched |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows:
-        u, b = r[False], r[True]
-        print(f"| {name} | {u['its']:.3f} | {b['its']:.3f} | {b['its'] / u['its']:.2f}x | "
-              f"{b['loss_its'] / u['loss_its']:.2f}x | {u['denoise_share']:.0%} / {b['denoise_share']:.0%} | "
-              f"{u['peak_mb']:.0f} | {b['peak_mb']:.0f} |")
+        ref, u, b = (r[f] for f in FORMS)
+        print(f"| {name} | {ref['its']:.3f} / {u['its']:.3f} / {b['its']:.3f} | {b['its'] / u['its']:.2f}x | "
+              f"{b['its'] / ref['its']:.2f}x | {b['loss_its'] / u['loss_its']:.2f}x | "
+              f"{b['denoise_its'] / ref['denoise_its']:.2f}x | {u['denoise_share']:.0%} / {b['denoise_share']:.0%} | "
+              f"{ref['peak_mb']:.0f} / {u['peak_mb']:.0f} / {b['peak_mb']:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ from diffusers_spm.concept_world import (
     TEXTURES,
     WEIGHTS_DIR,
     ConceptWorld,
+    WorldEvaluation,
     alteration,
     concept_cases,
     evaluate_concepts,
@@ -161,12 +162,13 @@ class OracleJudge:
 
 def _evaluate(swap, drawn, reference=None):
     pipe = RenderPipe(SMALL, swap, drawn)
-    return evaluate_concepts(pipe, OracleJudge(drawn), SMALL, ["circle"], reference=reference, prompts_per_concept=6, preserve_prompts_per_concept=3)
+    evaluation = WorldEvaluation(prompts_per_concept=6, preserve_prompts_per_concept=3)
+    return evaluate_concepts(pipe, OracleJudge(drawn), SMALL, ["circle"], reference=reference, evaluation=evaluation)
 
 
 def test_metrics_on_a_faithful_pipeline():
     drawn = {}
-    reference = reference_images(RenderPipe(SMALL, drawn=drawn), SMALL, ["circle"], preserve_prompts_per_concept=3)
+    reference = reference_images(RenderPipe(SMALL, drawn=drawn), SMALL, ["circle"], WorldEvaluation(preserve_prompts_per_concept=3))
     m = _evaluate({}, drawn, reference)
     assert m.erasure == 0.0 and m.preservation == 1.0 and m.alteration == 0.0
     assert set(m.preservation_per_concept) == set(SMALL.shapes + SMALL.colours + SMALL.textures) - {"circle"}
@@ -176,7 +178,7 @@ def test_metrics_on_a_faithful_pipeline():
 
 def test_metrics_move_the_right_way_when_a_concept_is_drawn_wrongly():
     drawn = {}
-    reference = reference_images(RenderPipe(SMALL, drawn=drawn), SMALL, ["circle"], preserve_prompts_per_concept=3)
+    reference = reference_images(RenderPipe(SMALL, drawn=drawn), SMALL, ["circle"], WorldEvaluation(preserve_prompts_per_concept=3))
     # "erasing" circle: prompts about circles now draw triangles; nothing else changes
     erased = _evaluate({"circle": "triangle"}, drawn, reference)
     assert erased.erasure == 1.0 and erased.preservation == 1.0 and erased.alteration == 0.0
@@ -190,8 +192,9 @@ def test_metrics_move_the_right_way_when_a_concept_is_drawn_wrongly():
 
 def test_judge_on_real_renders_reads_metrics_correctly(small_judge):
     """With the trained (imperfect) judge, a faithful pipeline still scores far better than a swapped one."""
-    faithful = evaluate_concepts(RenderPipe(SMALL), small_judge, SMALL, ["red"], prompts_per_concept=8, preserve_prompts_per_concept=2)
-    swapped = evaluate_concepts(RenderPipe(SMALL, {"red": "blue"}), small_judge, SMALL, ["red"], prompts_per_concept=8, preserve_prompts_per_concept=2)
+    evaluation = WorldEvaluation(prompts_per_concept=8, preserve_prompts_per_concept=2)
+    faithful = evaluate_concepts(RenderPipe(SMALL), small_judge, SMALL, ["red"], evaluation=evaluation)
+    swapped = evaluate_concepts(RenderPipe(SMALL, {"red": "blue"}), small_judge, SMALL, ["red"], evaluation=evaluation)
     assert faithful.erasure <= 0.1 and swapped.erasure >= 0.9
     assert abs(faithful.preservation - swapped.preservation) < 1e-9
 

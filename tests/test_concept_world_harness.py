@@ -8,7 +8,13 @@ import pytest
 from PIL import Image
 
 from diffusers_spm import add_spm_support
-from diffusers_spm.concept_world import ConceptWorld, evaluate_concepts, load_concept_world_pipeline, load_judge
+from diffusers_spm.concept_world import (
+    ConceptWorld,
+    WorldEvaluation,
+    evaluate_concepts,
+    load_concept_world_pipeline,
+    load_judge,
+)
 from diffusers_spm.concept_world.harness import concept_world_task
 from diffusers_spm.concept_world.model import weights_available
 from diffusers_spm.evaluation.conditions import Condition
@@ -16,7 +22,7 @@ from diffusers_spm.evaluation.runner import evaluate
 from reference_spm import random_membrane
 
 pytestmark = pytest.mark.skipif(not weights_available(), reason="the concept-world weights are not shipped")
-COUNTS = dict(prompts_per_concept=3, seeds_per_prompt=2, preserve_prompts_per_concept=1, num_inference_steps=8)
+COUNTS = WorldEvaluation(prompts_per_concept=3, seeds_per_prompt=2, preserve_prompts_per_concept=1, num_inference_steps=8)
 
 
 def test_harness_reproduces_the_world_figures(tmp_path):
@@ -25,12 +31,12 @@ def test_harness_reproduces_the_world_figures(tmp_path):
     membrane = random_membrane(pipe.unet, ["red"], seed=0, std=0.3)
     membrane.save(tmp_path / "red.safetensors")
 
-    direct = {"base": evaluate_concepts(pipe, judge, world, ["red"], **COUNTS)}
+    direct = {"base": evaluate_concepts(pipe, judge, world, ["red"], evaluation=COUNTS)}
     pipe.load_spm(tmp_path / "red.safetensors")
-    direct["spm"] = evaluate_concepts(pipe, judge, world, ["red"], **COUNTS)
+    direct["spm"] = evaluate_concepts(pipe, judge, world, ["red"], evaluation=COUNTS)
     pipe.unload_spm()
 
-    task = concept_world_task(judge, world, ["red"], **COUNTS)
+    task = concept_world_task(judge, world, ["red"], COUNTS)
     spm = Condition("spm", (str(tmp_path / "red.safetensors"),))
     result = evaluate(pipe, task, [Condition("base"), spm], tmp_path / "eval")
     assert len(task.jobs) == 6 + 14
@@ -45,8 +51,8 @@ def test_harness_reproduces_the_world_figures(tmp_path):
 def test_demo_with_the_shipped_membrane_writes_table_and_grid(tmp_path):
     from diffusers_spm.concept_world.demo import run_demo
 
-    files = run_demo(tmp_path, "red", train=False, prompts_per_concept=2, seeds_per_prompt=1,
-                     preserve_prompts_per_concept=1, num_inference_steps=8)
+    quick = WorldEvaluation(prompts_per_concept=2, seeds_per_prompt=1, preserve_prompts_per_concept=1, num_inference_steps=8)
+    files = run_demo(tmp_path, "red", train=False, evaluation=quick)
     results = json.loads(files["json"].read_text())["Erasing red"]["rows"]
     assert set(results) == {"no membrane", "SPM (LA + transport)"}
     assert results["SPM (LA + transport)"]["erasure"] > results["no membrane"]["erasure"]

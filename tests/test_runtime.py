@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from conftest import tiny_pipeline, tiny_unet
 from diffusers_spm import Membrane, MembraneController
+from diffusers_spm.transport import tokensim, tokenuni
 from reference_spm import apply_reference, random_membrane, remove_reference
 
 PROMPTS = ["a photo of snoopy", "a red car on a road", "a painting in the style of van gogh"]
@@ -254,3 +255,39 @@ def test_eoscos_rates_compare_end_of_text_outputs(pipe, snoopy):
     assert flattened["snoopy"] == rates
     pipe.set_spm_transport(True, metric="eoscos_tokenuni")
     assert pipe.get_spm_transport_rates(prompts)["snoopy"][1] == pytest.approx(1.0)  # token overlap
+
+
+def test_tokensim_is_a_soft_token_overlap():
+    table = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])  # tokens 0..3
+    scores = tokensim([{0}, {1}, {2}, {3}, set(), {2, 1}], [{0}, {0, 2}], table)
+    expected = torch.tensor([
+        [1.0, 0.5],           # the concept's own token; half of a two-token concept
+        [0.6, (0.6 + 0.8) / 2],  # a "synonym": the cosine of the embeddings
+        [0.0, 0.5],           # orthogonal
+        [0.0, 0.0],           # opposite: clamped at 0, never negative
+        [0.0, 0.0],           # empty prompt
+        [0.6, (0.6 + 1.0) / 2],
+    ])
+    torch.testing.assert_close(scores, expected)
+    assert bool((scores >= tokenuni([{0}, {1}, {2}, {3}, set(), {2, 1}], [{0}, {0, 2}])).all())
+
+
+def test_tokensim_rates_a_synonym_by_its_word_embedding(pipe, snoopy):
+    _, path = snoopy
+    pipe.load_spm(path)
+    pipe.set_spm_transport(True, metric="tokensim")
+    ids = pipe.tokenizer(["snoopy", "beagle", "car"], add_special_tokens=False).input_ids
+    assert all(len(i) == 1 for i in ids), ids
+    snoopy_id, beagle_id, car_id = (i[0] for i in ids)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():  # "beagle" at cosine 0.8 from "snoopy"
+        s, c = table[snoopy_id].clone(), table[car_id].clone()
+        orthogonal = torch.nn.functional.normalize(c - (c @ s) / (s @ s) * s, dim=0)
+        table[beagle_id] = 0.8 * s + 0.6 * s.norm() * orthogonal
+    rates = pipe.get_spm_transport_rates(["a photo of snoopy", "a photo of a beagle", "a red car"])["snoopy"]
+    assert rates[0] == pytest.approx(1.0)
+    assert rates[1] == pytest.approx(0.8, abs=1e-5)
+    words = pipe.tokenizer("a red car", add_special_tokens=False).input_ids
+    normed = torch.nn.functional.normalize(table[words].detach(), dim=-1)
+    best = (normed @ torch.nn.functional.normalize(table[snoopy_id].detach(), dim=0)).max().clamp(min=0).item()
+    assert rates[2] == pytest.approx(best, abs=1e-5)

@@ -196,7 +196,8 @@ class SPMPipelineMixin:
         if rate.pools_end_of_text:
             prompt_embeds = at_end_of_text(prompt_embeds, prompt_ends)
             concept_embeds = at_end_of_text(concept_embeds, [e for s in states for e in s.concept_ends])
-        scores = rate.concept_scores(prompt_embeds, prompt_tokens, concept_embeds, concept_tokens)
+        token_embeddings = self.text_encoder.get_input_embeddings().weight if rate.metric == "tokensim" else None
+        scores = rate.concept_scores(prompt_embeds, prompt_tokens, concept_embeds, concept_tokens, token_embeddings)
         return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
 
     def _spm_prepare_concepts(self, controller: MembraneController) -> None:

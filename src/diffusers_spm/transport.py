@@ -13,6 +13,12 @@ reproduces the reference's effective strength for one membrane (it scales both `
 position CLIP pools: it ignores the padding that makes the flattened cosine high for every
 prompt. Without tokens (a plain UNet call) the end-of-text position is unknown, so the flattened
 cosine is used.
+
+`tokensim` (ours) is a soft `tokenuni`: for each token of the concept, the best cosine between
+its input embedding and those of the prompt's tokens, averaged over the concept's tokens. A token
+that is present scores 1, as in `tokenuni`, so `tokensim >= tokenuni`; a synonym scores as close
+as the text encoder's word embeddings place it ("crimson" for "red"). It needs the text
+encoder's token-embedding table; without tokens (a plain UNet call) the flattened cosine is used.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from typing import Literal, Sequence
 
 import torch
 
-Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni"]
-METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni")
+Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim"]
+METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim")
 CFG_ROWS: tuple[str, ...] = ("paired", "own")
 
 
@@ -67,6 +73,29 @@ def tokenuni(prompt_tokens: Sequence[set[int]], concept_tokens: Sequence[set[int
     )
 
 
+def tokensim(
+    prompt_tokens: Sequence[set[int]], concept_tokens: Sequence[set[int]], token_embeddings: torch.Tensor
+) -> torch.Tensor:
+    """Soft token overlap, [P, C]: per concept token, the best cosine (clamped at 0) of its input
+    embedding with the prompt's tokens, averaged over the concept's tokens. Empty texts score 0."""
+    vocabulary = sorted(set().union(*prompt_tokens, *concept_tokens))
+    if not vocabulary:
+        return torch.zeros(len(prompt_tokens), len(concept_tokens))
+    index = {token: i for i, token in enumerate(vocabulary)}
+    rows = token_embeddings[torch.as_tensor(vocabulary, device=token_embeddings.device)].detach().float().cpu()
+    rows = torch.nn.functional.normalize(rows, dim=-1)
+    similarity = (rows @ rows.T).clamp(min=0.0)
+    scores = torch.zeros(len(prompt_tokens), len(concept_tokens))
+    for p, prompt in enumerate(prompt_tokens):
+        if not prompt:
+            continue
+        best = similarity[:, [index[t] for t in prompt]].amax(1)  # each vocabulary token's best match in the prompt
+        for c, concept in enumerate(concept_tokens):
+            if concept:
+                scores[p, c] = best[[index[t] for t in concept]].mean()
+    return scores
+
+
 class TransportRate:
     """Scores prompts against concepts with one of the reference's metrics, then reduces the
     concept scores to one rate in [0, 1] per membrane."""
@@ -83,13 +112,19 @@ class TransportRate:
         prompt_tokens: Sequence[set[int]] | None,
         concept_embeds: torch.Tensor,
         concept_tokens: Sequence[set[int]],
+        token_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[P, C]. Without prompt tokens (a plain UNet call) only the embedding term can be used.
 
-        For `eoscos` metrics the caller passes the end-of-text outputs (`at_end_of_text`)."""
+        For `eoscos` metrics the caller passes the end-of-text outputs (`at_end_of_text`); for
+        `tokensim`, the text encoder's input embedding table."""
         scores = []
         if "cos" in self.metric or prompt_tokens is None:
             scores.append(clipcos(prompt_embeds, concept_embeds).cpu())
+        elif self.metric == "tokensim":
+            if token_embeddings is None:
+                raise ValueError("The `tokensim` transport metric needs the text encoder's token embeddings.")
+            scores.append(tokensim(prompt_tokens, concept_tokens, token_embeddings))
         if "tokenuni" in self.metric and prompt_tokens is not None:
             scores.append(tokenuni(prompt_tokens, concept_tokens))
         return torch.stack(scores).amax(0)

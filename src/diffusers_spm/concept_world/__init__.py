@@ -9,6 +9,7 @@ from .judge import Judge, JudgeConfig, judge_accuracy, make_batch, train_judge
 from .metrics import (
     ConceptMetrics,
     PromptCase,
+    WorldEvaluation,
     alteration,
     concept_cases,
     evaluate_concepts,
@@ -59,6 +60,7 @@ __all__ = [
     "PromptCase",
     "Scene",
     "WEIGHTS_DIR",
+    "WorldEvaluation",
     "alteration",
     "concept_cases",
     "evaluate_concepts",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 from .experiments import MEMBRANES_DIR, Condition, WorldTraining, compare, train_world_membrane, write_grid, write_report
-from .metrics import concept_cases, generate_images
+from .metrics import WorldEvaluation, concept_cases, generate_images
 from .model import load_concept_world_pipeline
 from .world import ConceptWorld
 
@@ -18,10 +17,11 @@ DEFAULT_CONCEPT = "red"  # colours are what the shipped world draws most reliabl
 
 
 def run_demo(output: Path, concept: str = DEFAULT_CONCEPT, train: bool = True,
-             settings: WorldTraining = WorldTraining(), **evaluation: Any) -> dict[str, Path]:
+             settings: WorldTraining = WorldTraining(),
+             evaluation: WorldEvaluation = WorldEvaluation()) -> dict[str, Path]:
     """Train (or take the shipped) membrane for `concept`, then write the table and the grid.
 
-    `evaluation` goes to `evaluate_concepts` (prompt counts, steps), e.g. to make a quick run.
+    `evaluation` sets the measured images (prompt counts, steps), e.g. to make a quick run.
     """
     from . import load_judge
 
@@ -36,7 +36,7 @@ def run_demo(output: Path, concept: str = DEFAULT_CONCEPT, train: bool = True,
             known = sorted(p.stem for p in MEMBRANES_DIR.glob("*.safetensors"))
             raise FileNotFoundError(f"No shipped membrane for {concept!r}; shipped: {', '.join(known)}. Drop --no-train.")
     comparison = compare(pipe, load_judge(), world, [concept],
-                         [Condition("no membrane"), Condition("SPM (LA + transport)", [membrane])], **evaluation)
+                         [Condition("no membrane"), Condition("SPM (LA + transport)", [membrane])], evaluation)
     json_path, md_path = write_report({f"Erasing {concept}": comparison}, output)
 
     cases = concept_cases(world, [concept], prompts_per_concept=4, seeds_per_prompt=2, seed=7)

@@ -21,7 +21,12 @@ from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
 from .judge import Judge
-from .metrics import ConceptMetrics, evaluate_concepts, reference_images
+from .metrics import (
+    ConceptMetrics,
+    WorldEvaluation,
+    evaluate_concepts,
+    reference_images,
+)
 from .model import WEIGHTS_DIR
 from .world import ConceptWorld
 
@@ -92,11 +97,11 @@ class Comparison:
 
 
 def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str], conditions: Sequence[Condition],
-            **evaluation: Any) -> Comparison:
+            evaluation: WorldEvaluation = WorldEvaluation()) -> Comparison:
     """Evaluate every condition on the same prompts and seeds; the pipeline is left without membranes."""
     add_spm_support(pipe)
     result = Comparison(list(erased))
-    reference = reference_images(pipe, world, erased, **_reference_kwargs(evaluation))
+    reference = reference_images(pipe, world, erased, evaluation)
     for condition in conditions:
         try:
             for index, file in enumerate(condition.files):
@@ -107,17 +112,12 @@ def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str],
             if condition.files and not condition.as_lora:
                 pipe.set_spm_transport(condition.transport, metric=condition.metric, power=condition.power)
             result.rows[condition.label] = evaluate_concepts(pipe, judge, world, erased, reference=reference,
-                                                             **evaluation)
+                                                             evaluation=evaluation)
         finally:
             pipe.unload_spm()
             if condition.as_lora:
                 pipe.unload_lora_weights()
     return result
-
-
-def _reference_kwargs(evaluation: dict[str, Any]) -> dict[str, Any]:
-    keys = ("preserve_prompts_per_concept", "num_inference_steps", "guidance_scale", "seed")
-    return {k: v for k, v in evaluation.items() if k in keys}
 
 
 def write_report(comparisons: dict[str, Comparison], output: Path) -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ from ..evaluation.metrics import Sample
 from ..evaluation.prompts import PromptJob
 from ..evaluation.tasks import Task
 from .judge import Judge
-from .metrics import evaluation_cases, judged_hits
+from .metrics import WorldEvaluation, evaluation_cases, judged_hits
 from .world import ConceptWorld
 
 ERASE, KEEP = "erase", "keep"
@@ -43,22 +43,17 @@ def concept_world_task(
     judge: Judge,
     world: ConceptWorld,
     erased: Sequence[str],
-    prompts_per_concept: int = 8,
-    seeds_per_prompt: int = 2,
-    preserve_prompts_per_concept: int = 4,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
+    evaluation: WorldEvaluation = WorldEvaluation(),
     batch_size: int = 64,
 ) -> Task:
-    """The same cases as `evaluate_concepts(..., erased, same counts, same seed)`."""
-    erase, keep = evaluation_cases(world, erased, prompts_per_concept, seeds_per_prompt, preserve_prompts_per_concept,
-                                   seed)
+    """The same cases as `evaluate_concepts(..., erased, evaluation=evaluation)`."""
+    erase, keep = evaluation_cases(world, erased, evaluation)
     cases = [(c, ERASE) for c in erase] + [(c, KEEP) for c in keep]
     jobs = [PromptJob(i, case.prompt, case.seed, meta={"case": case, "role": role}) for i, (case, role) in enumerate(cases)]
     size = world.image_size
-    settings = GenerationSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, width=size,
-                                  height=size, batch_size=batch_size)
+    settings = GenerationSettings(num_inference_steps=evaluation.num_inference_steps,
+                                  guidance_scale=evaluation.guidance_scale, width=size, height=size,
+                                  batch_size=batch_size)
     return Task(name="concept-world", jobs=jobs, metrics=[JudgeMetric(judge)], headline="erasure",
                 goal="erasure: higher is better; preservation: higher is better", settings=settings,
                 notes={"erased": ", ".join(erased)})

@@ -38,6 +38,23 @@ class PromptCase:
     kind: str
 
 
+@dataclass(frozen=True)
+class WorldEvaluation:
+    """Which images one evaluation generates: prompt and seed counts, sampler settings, base seed.
+
+    One description shared by the direct metrics (:func:`evaluate_concepts`), the alteration
+    reference (:func:`reference_images`) and the harness task (``harness.concept_world_task``), so
+    that they always generate the same cases, seeds and images.
+    """
+
+    prompts_per_concept: int = 8
+    seeds_per_prompt: int = 2
+    preserve_prompts_per_concept: int = 4
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+
 @dataclass
 class ConceptMetrics:
     """The three numbers, per-concept breakdowns, and the images they were computed from."""
@@ -143,23 +160,18 @@ def evaluate_concepts(
     world: ConceptWorld,
     erased: Sequence[str],
     reference: np.ndarray | None = None,
-    prompts_per_concept: int = 8,
-    seeds_per_prompt: int = 2,
-    preserve_prompts_per_concept: int = 4,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
+    evaluation: WorldEvaluation = WorldEvaluation(),
     progress: bool = False,
 ) -> ConceptMetrics:
     """Erasure on ``erased``, preservation on every other concept, alteration against ``reference``.
 
     ``reference`` is what :func:`reference_images` returns for the pipeline without membranes (same
-    world, erased list and counts); without it alteration is ``None``.
+    world, erased list and ``evaluation``); without it alteration is ``None``.
     """
-    erase_cases, keep_cases = evaluation_cases(
-        world, erased, prompts_per_concept, seeds_per_prompt, preserve_prompts_per_concept, seed
+    erase_cases, keep_cases = evaluation_cases(world, erased, evaluation)
+    kwargs = dict(
+        num_inference_steps=evaluation.num_inference_steps, guidance_scale=evaluation.guidance_scale, progress=progress
     )
-    kwargs = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress)
     erase_images = generate_images(pipe, [c.prompt for c in erase_cases], [c.seed for c in erase_cases], **kwargs)
     keep_images = generate_images(pipe, [c.prompt for c in keep_cases], [c.seed for c in keep_cases], **kwargs)
     erased_flags = ~judged_hits(judge, erase_images, erase_cases)
@@ -183,14 +195,13 @@ def evaluate_concepts(
 def evaluation_cases(
     world: ConceptWorld,
     erased: Sequence[str],
-    prompts_per_concept: int = 8,
-    seeds_per_prompt: int = 2,
-    preserve_prompts_per_concept: int = 4,
-    seed: int = 0,
+    evaluation: WorldEvaluation = WorldEvaluation(),
 ) -> tuple[list[PromptCase], list[PromptCase]]:
     """The images of one evaluation: prompts naming each erased concept, and the non-target prompts."""
-    erase = concept_cases(world, erased, prompts_per_concept, seeds_per_prompt, avoid=erased, seed=seed)
-    return erase, preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)
+    erase = concept_cases(
+        world, erased, evaluation.prompts_per_concept, evaluation.seeds_per_prompt, avoid=erased, seed=evaluation.seed
+    )
+    return erase, preservation_cases(world, erased, evaluation.preserve_prompts_per_concept, seed=evaluation.seed)
 
 
 def preservation_cases(world: ConceptWorld, erased: Sequence[str], prompts_per_concept: int = 4, seed: int = 0) -> list[PromptCase]:
@@ -204,19 +215,16 @@ def reference_images(
     pipe: Any,
     world: ConceptWorld,
     erased: Sequence[str],
-    preserve_prompts_per_concept: int = 4,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
+    evaluation: WorldEvaluation = WorldEvaluation(),
     progress: bool = False,
 ) -> np.ndarray:
     """The images :func:`evaluate_concepts` compares against for alteration (run it on the base pipeline)."""
-    cases = preservation_cases(world, erased, preserve_prompts_per_concept, seed=seed)
+    cases = preservation_cases(world, erased, evaluation.preserve_prompts_per_concept, seed=evaluation.seed)
     return generate_images(
         pipe,
         [c.prompt for c in cases],
         [c.seed for c in cases],
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        num_inference_steps=evaluation.num_inference_steps,
+        guidance_scale=evaluation.guidance_scale,
         progress=progress,
     )

@@ -1,7 +1,8 @@
 """The concept-world figures: conditions, transport metrics, several concepts at once, la_strength.
 
 Trains the membranes with the real trainer on the shipped concept-world model, then measures
-erasure / preservation / alteration with its judge (docs/concept-world.md). Everything runs
+erasure / preservation / alteration with its judge (docs/concept-world.md), and writes a
+before/after grid per concept (`grid_<concept>.png`, tokensim transport). Everything runs
 offline on the CPU; the default run takes about 25 minutes on one core.
 
     python benchmarks/concept_world_table.py --output outputs/concept_world [--concepts red blue green]
@@ -20,6 +21,7 @@ from diffusers_spm.concept_world import ConceptWorld, WorldEvaluation, load_conc
 from diffusers_spm.concept_world.experiments import (
     Condition,
     WorldTraining,
+    before_after_grid,
     compare,
     train_world_membrane,
     write_report,
@@ -75,6 +77,8 @@ def main() -> None:
             Condition("SPM with LA + transport (clipcos_tokenuni)", files[:count]),
             Condition("SPM with LA + transport (tokensim)", files[:count], metric="tokensim"),
         ], evaluation)
+    for concept, file in zip(args.concepts, files):
+        before_after_grid(pipe, world, [concept], [file], output / f"grid_{concept}.png")
     json_path, md_path = write_report(tables, output)
     logging.info("wrote %s and %s\n%s", md_path, json_path, md_path.read_text())
 

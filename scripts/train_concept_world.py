@@ -1,7 +1,7 @@
 """Train the concept world's judge and tiny text-to-image model, and write them as package data.
 
     HF_HUB_OFFLINE=1 python scripts/train_concept_world.py            # stages 1-5 (~42 min on 2 shared CPU cores)
-    HF_HUB_OFFLINE=1 python scripts/train_concept_world.py --resume-steps 1400 --lr 5e-4   # what was shipped, after the above
+    HF_HUB_OFFLINE=1 python scripts/train_concept_world.py --resume-steps 3000 --lr 6e-4 --ema-decay 0.998   # continue
     HF_HUB_OFFLINE=1 python scripts/train_concept_world.py --quick --output /tmp/cw   # a smoke run
 
 Stages, all with fixed seeds:
@@ -351,15 +351,14 @@ def resume(args: argparse.Namespace, world: ConceptWorld) -> None:
     latents = encode_pool(vae, images) * vae.config.scaling_factor
     unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32)
+    resumes = stats.setdefault("resumes", [])
     unet, text_encoder = train_diffusion(
-        latents, scenes, world, args, args.resume_steps, args.seed + 4 + stats["args"].get("resumed", 0), init=(unet, text_encoder)
+        latents, scenes, world, args, args.resume_steps, args.seed + 4 + len(resumes), init=(unet, text_encoder)
     )
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
         module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
     stats["timings_s"]["resumed_diffusion"] = round(stats["timings_s"].get("resumed_diffusion", 0) + time.time() - t0, 1)
-    stats["args"]["resumed"] = stats["args"].get("resumed", 0) + 1
-    stats["args"]["resume_steps"] = stats["args"].get("resume_steps", 0) + args.resume_steps
-    stats["args"]["resume_lr"] = args.lr
+    resumes.append({"steps": args.resume_steps, "lr": args.lr, "ema_decay": args.ema_decay})
     (out / STATS).write_text(json.dumps(stats, indent=2))
 
 
@@ -434,10 +433,14 @@ def write_model_card(out: Path, stats: dict, world: ConceptWorld, examples: list
     sizes = {d.name: f"{size_mb(d):.2f} MB" for d in sorted(out.iterdir()) if d.is_dir()}
     t = stats["timings_s"]
     a = stats["args"]
-    resumed = (
-        f"\n   Then `--resume-steps` continued this stage for {a['resume_steps']} more steps (lr {a['resume_lr']}, new warm-up, cosine and EMA)."
-        if a.get("resume_steps")
-        else ""
+    resumes = stats.get("resumes", [])
+    resumed = "".join(
+        f"\n   Then `--resume-steps {r['steps']} --lr {r['lr']:g} --ema-decay {r['ema_decay']:g}` continued it (new warm-up, cosine and EMA)."
+        for r in resumes
+    )
+    commands = "".join(
+        f"`python scripts/train_concept_world.py --resume-steps {r['steps']} --lr {r['lr']:g} --ema-decay {r['ema_decay']:g}`, "
+        for r in resumes
     )
     met = "met" if g["joint"] >= 0.9 else "**not met** yet: the UNet is undertrained for the CPU budget"
     text = f"""# Concept world: a tiny text-to-image model that knows its concepts
@@ -462,8 +465,7 @@ image shows. Load it with `diffusers_spm.concept_world.load_concept_world_pipeli
    Captions come from the training split of template x synonym combinations only.{resumed}
 4. **Decoder fine-tune**: {a["decoder_steps"]} steps with the encoder frozen (the UNet's latents stay valid),
    foreground-weighted L1 + MSE + L1 on image gradients, so that stripes and dots survive decoding.
-To reproduce: `python scripts/train_concept_world.py`, then
-`python scripts/train_concept_world.py --resume-steps {a.get("resume_steps", 0)} --lr {a.get("resume_lr", a["lr"])}` if resumed.
+To reproduce, run in order: `python scripts/train_concept_world.py`, {commands}each with `HF_HUB_OFFLINE=1`.
 Wall time on a 2-core CPU shared with other jobs: {t["total"] / 60:.1f} min (judge {t["judge"] / 60:.1f}, autoencoder {t["vae"] / 60:.1f},
 diffusion {t["diffusion"] / 60:.1f}, resumed diffusion {t.get("resumed_diffusion", 0) / 60:.1f}, decoder {t["decoder"] / 60:.1f},
 evaluation {t["eval"] / 60:.1f}).

@@ -54,8 +54,9 @@ def test_demo_with_the_shipped_membrane_writes_table_and_grid(tmp_path):
     quick = WorldEvaluation(prompts_per_concept=2, seeds_per_prompt=1, preserve_prompts_per_concept=1, num_inference_steps=8)
     files = run_demo(tmp_path, "red", train=False, evaluation=quick)
     results = json.loads(files["json"].read_text())["Erasing red"]["rows"]
-    assert set(results) == {"no membrane", "SPM (LA + transport)"}
-    assert results["SPM (LA + transport)"]["erasure"] > results["no membrane"]["erasure"]
+    reference_rate = "SPM, LA + transport (clipcos_tokenuni, the reference's rate)"
+    assert set(results) == {"no membrane", reference_rate, "SPM, LA + transport (tokensim)"}
+    assert results["SPM, LA + transport (tokensim)"]["erasure"] > results["no membrane"]["erasure"]
     assert files["grid"].exists() and Image.open(files["grid"]).size == (8 * 96, 2 * 96)
     with pytest.raises(FileNotFoundError, match="shipped: blue, green, red"):
         run_demo(tmp_path, "circle", train=False)

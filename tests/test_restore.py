@@ -135,7 +135,7 @@ class MembraneLifecycle(RuleBasedStateMachine):
             self.pipe.set_spm_scale(scale)
 
     @precondition(lambda self: self.loaded)
-    @rule(enabled=st.booleans(), power=st.sampled_from([1.0, 2.0]), metric=st.sampled_from(["clipcos", "tokenuni", "clipcos_tokenuni"]))
+    @rule(enabled=st.booleans(), power=st.sampled_from([1.0, 2.0]), metric=st.sampled_from(["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos_tokenuni", "tokensim"]))
     def transport(self, enabled, power, metric):
         self.pipe.set_spm_transport(enabled, metric=metric, power=power)
 

@@ -6,14 +6,23 @@ import argparse
 import logging
 from pathlib import Path
 
-from .experiments import MEMBRANES_DIR, Condition, WorldTraining, compare, train_world_membrane, write_grid, write_report
-from .metrics import WorldEvaluation, concept_cases, generate_images
+from .experiments import (
+    MEMBRANES_DIR,
+    Condition,
+    WorldTraining,
+    before_after_grid,
+    compare,
+    train_world_membrane,
+    write_report,
+)
+from .metrics import WorldEvaluation
 from .model import load_concept_world_pipeline
 from .world import ConceptWorld
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONCEPT = "red"  # colours are what the shipped world draws most reliably (94 %)
+DEFAULT_CONCEPT = "red"
+DEMO_METRIC = "tokensim"  # the rate that separates synonyms from other concepts on the world (docs/transport.md)
 
 
 def run_demo(output: Path, concept: str = DEFAULT_CONCEPT, train: bool = True,
@@ -35,20 +44,17 @@ def run_demo(output: Path, concept: str = DEFAULT_CONCEPT, train: bool = True,
         if not membrane.exists():
             known = sorted(p.stem for p in MEMBRANES_DIR.glob("*.safetensors"))
             raise FileNotFoundError(f"No shipped membrane for {concept!r}; shipped: {', '.join(known)}. Drop --no-train.")
-    comparison = compare(pipe, load_judge(), world, [concept],
-                         [Condition("no membrane"), Condition("SPM (LA + transport)", [membrane])], evaluation)
+    comparison = compare(pipe, load_judge(), world, [concept], [
+        Condition("no membrane"),
+        Condition("SPM, LA + transport (clipcos_tokenuni, the reference's rate)", [membrane]),
+        Condition(f"SPM, LA + transport ({DEMO_METRIC})", [membrane], metric=DEMO_METRIC),
+    ], evaluation)
     json_path, md_path = write_report({f"Erasing {concept}": comparison}, output)
 
-    cases = concept_cases(world, [concept], prompts_per_concept=4, seeds_per_prompt=2, seed=7)
-    prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
-    before = generate_images(pipe, prompts, seeds)
-    pipe.load_spm(membrane)
-    after = generate_images(pipe, prompts, seeds)
-    pipe.unload_spm()
-    grid = write_grid([("no membrane", before), ("with membrane", after)], output / f"grid_{concept}.png")
+    grid = before_after_grid(pipe, world, [concept], [membrane], output / f"grid_{concept}.png", metric=DEMO_METRIC)
     logger.info("\n%s", comparison.markdown())
-    logger.info("membrane: %s\ntable: %s and %s\ngrid (top: no membrane, bottom: with it): %s",
-                membrane, md_path, json_path, grid)
+    logger.info("membrane: %s\ntable: %s and %s\ngrid (top: no membrane, bottom: with it, %s transport): %s",
+                membrane, md_path, json_path, DEMO_METRIC, grid)
     return {"membrane": Path(membrane), "table": md_path, "json": json_path, "grid": grid}
 
 

@@ -60,6 +60,34 @@ def pool_backgrounds(scenes: list) -> torch.Tensor:
     return torch.tensor([BACKGROUND_RGB[s.background] for s in scenes], dtype=torch.float32) / 255
 
 
+def fit_autoencoder(vae, params: list, loss_fn, images: np.ndarray, scenes: list, steps: int, batch_size: int,
+                    seed: int, lr: float, pct_start: float, desc: str):
+    """The loop both autoencoder stages share: seeded batches from the pool, foreground weights,
+    AdamW with a one-cycle schedule; ``loss_fn(vae, x, weight)`` returns the loss and what to show."""
+    rng = np.random.default_rng(seed)
+    backgrounds = pool_backgrounds(scenes)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+    vae.train()
+    bar = tqdm(range(steps), desc=desc, mininterval=10)
+    for step in bar:
+        idx = rng.integers(len(images), size=batch_size)
+        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2)
+        loss, shown = loss_fn(vae, x, foreground_weight(x, backgrounds[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix({k: f"{v.item():.4f}" for k, v in shown.items()})
+    return vae.eval()
+
+
+def pixel_loss(err: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Foreground-weighted L1 + MSE of the reconstruction error."""
+    return (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
+
+
 def train_vae(images: np.ndarray, scenes: list, steps: int, batch_size: int, seed: int):
     """Autoencoder with foreground-weighted L1 + MSE and a tiny KL.
 
@@ -67,30 +95,15 @@ def train_vae(images: np.ndarray, scenes: list, steps: int, batch_size: int, see
     and draws grey blobs.
     """
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     vae = cw_model.make_vae()
-    backgrounds = pool_backgrounds(scenes)
-    lr = 2e-3
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    vae.train()
-    bar = tqdm(range(steps), desc="vae", mininterval=10)
-    for step in bar:
-        idx = rng.integers(len(images), size=batch_size)
-        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2)
-        weight = foreground_weight(x, backgrounds[idx])
+
+    def loss_fn(vae, x, weight):
         posterior = vae.encode(x * 2 - 1).latent_dist
-        recon = (vae.decode(posterior.sample()).sample + 1) / 2
-        err = recon - x
-        pixel_loss = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
-        loss = pixel_loss + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{pixel_loss.item():.4f}")
-    return vae.eval()
+        pixels = pixel_loss((vae.decode(posterior.sample()).sample + 1) / 2 - x, weight)
+        return pixels + 1e-6 * posterior.kl().mean(), {"loss": pixels}
+
+    return fit_autoencoder(vae, list(vae.parameters()), loss_fn, images, scenes, steps, batch_size, seed,
+                           lr=2e-3, pct_start=0.1, desc="vae")
 
 
 def finetune_decoder(vae, images: np.ndarray, scenes: list, steps: int, batch_size: int, seed: int):
@@ -100,37 +113,24 @@ def finetune_decoder(vae, images: np.ndarray, scenes: list, steps: int, batch_si
     (finite differences) pushes the decoder to draw them.
     """
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    backgrounds = pool_backgrounds(scenes)
     vae.requires_grad_(False)
     decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in decoder_params:
         p.requires_grad_(True)
-    lr = 1e-3
-    opt = torch.optim.AdamW(decoder_params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    vae.train()
-    bar = tqdm(range(steps), desc="decoder", mininterval=10)
-    for step in bar:
-        idx = rng.integers(len(images), size=batch_size)
-        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2)
-        weight = foreground_weight(x, backgrounds[idx])
+
+    def loss_fn(vae, x, weight):
         with torch.no_grad():
             z = vae.encode(x * 2 - 1).latent_dist.sample()
-        recon = (vae.decode(z).sample + 1) / 2
-        err = recon - x
-        grad_err = [err.diff(dim=-1), err.diff(dim=-2)]
-        pixel_loss = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
-        edge_loss = sum((weight[..., : e.shape[-2], : e.shape[-1]] * e.abs()).mean() for e in grad_err) / weight.mean()
-        loss = pixel_loss + edge_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{pixel_loss.item():.4f}", edge=f"{edge_loss.item():.4f}")
+        err = (vae.decode(z).sample + 1) / 2 - x
+        edges = sum((weight[..., : e.shape[-2], : e.shape[-1]] * e.abs()).mean()
+                    for e in (err.diff(dim=-1), err.diff(dim=-2))) / weight.mean()
+        pixels = pixel_loss(err, weight)
+        return pixels + edges, {"loss": pixels, "edge": edges}
+
+    vae = fit_autoencoder(vae, decoder_params, loss_fn, images, scenes, steps, batch_size, seed,
+                          lr=1e-3, pct_start=0.05, desc="decoder")
     vae.requires_grad_(True)
-    return vae.eval()
+    return vae
 
 
 @torch.no_grad()

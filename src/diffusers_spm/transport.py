@@ -97,7 +97,7 @@ def tokensim(
 
 
 class TransportRate:
-    """Scores prompts against concepts with one of the reference's metrics, then reduces the
+    """Scores prompts against concepts with one of `METRICS`, then reduces the
     concept scores to one rate in [0, 1] per membrane."""
 
     def __init__(self, metric: Metric = "clipcos_tokenuni") -> None:

@@ -1,86 +1,186 @@
-"""The concept-world figures: conditions, transport metrics, several concepts at once, la_strength.
+"""The concept-world figures: every concept over 3 training seeds, six at once, implicit prompts,
+ablations, the la_strength sweep and time to a good membrane.
 
-Trains the membranes with the real trainer on the shipped concept-world model, then measures
-erasure / preservation / alteration with its judge (docs/concept-world.md), and writes a
-before/after grid per concept (`grid_<concept>.png`, tokensim transport). Everything runs
-offline on the CPU; the default run takes about 25 minutes on one core.
+Trains membranes with the real trainer on the shipped concept-world model, then measures erasure /
+preservation / alteration with its judge (docs/concept-world.md). Each stage is resumable (a
+membrane or table already written is kept) and can be split across processes with `--shard k/n`,
+one thread each. On 2 CPU cores the whole run takes about 2 hours.
 
-    python benchmarks/concept_world_table.py --output outputs/concept_world [--concepts red blue green]
+    python benchmarks/concept_world_table.py train    --shard 0/2 &   # and --shard 1/2 beside it
+    python benchmarks/concept_world_table.py evaluate --shard 0/2 &   # and --shard 1/2
+    python benchmarks/concept_world_table.py report                   # results.md, results.json, grids
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from diffusers_spm.concept_world import ConceptWorld, WorldEvaluation, load_concept_world_pipeline, load_judge
+from diffusers_spm.concept_world import ALL_CONCEPTS, ConceptWorld, WorldEvaluation, load_concept_world_pipeline, load_judge
 from diffusers_spm.concept_world.experiments import (
     Condition,
     WorldTraining,
     before_after_grid,
     compare,
+    implicit_frequency,
     train_world_membrane,
-    write_report,
 )
+
+SEEDS = (0, 1, 2)
+SIX = ("red", "blue", "circle", "star", "striped", "dotted")
+ABLATED = ("red", "circle")
+METRICS = ("tokensim", "clipcos_tokenuni")
+CHECKPOINTS = (100, 150, 200, 250, 300)
+FLOORS = (0.1, 0.2, 0.3)
+EVALUATION = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
+BASE = WorldTraining(save_every=50)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A way to train: the shipped settings, or one change to them."""
+
+    name: str
+    settings: WorldTraining
+    action: str = "erase_with_la"
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("shipped", BASE),
+    Variant("random-anchors", replace(BASE, anchor_unconditional=False)),
+    Variant("templates", replace(BASE, use_template=True)),
+    Variant("erase-only", BASE, action="erase"),
+    *(Variant(f"la{strength:g}", replace(BASE, la_strength=strength)) for strength in (0.0, 10.0, 100.0)),
+)}
+# Training jobs in priority order: the six-at-once concepts, the other concepts, then ablations.
+TRAIN_JOBS = (
+    [("shipped", c, s) for c in SIX for s in SEEDS]
+    + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
+    + [(v, c, s) for v in ("random-anchors", "erase-only") for c in ABLATED for s in SEEDS]
+    + [(v, "red", s) for v in ("templates", "la0", "la10", "la100") for s in SEEDS]
+)
+
+
+def membrane(output: Path, variant: str, concept: str, seed: int, step: int | None = None) -> Path:
+    """Where a trained membrane lies (`step`: an intermediate save of the same run)."""
+    folder = output / "membranes" / variant
+    if step is None or step == BASE.iterations:
+        return folder / f"{concept}_s{seed}.safetensors"
+    return folder / f"{concept}_s{seed}" / "runs" / f"{concept}_{step}steps.safetensors"
+
+
+def train(output: Path, shard: tuple[int, int]) -> None:
+    pipe = load_concept_world_pipeline()
+    for index, (name, concept, seed) in enumerate(TRAIN_JOBS):
+        path = membrane(output, name, concept, seed)
+        if index % shard[1] != shard[0] or path.exists():
+            continue
+        variant = VARIANTS[name]
+        start = time.perf_counter()
+        trained = train_world_membrane(pipe, concept, path.with_suffix(""), variant.action,
+                                       replace(variant.settings, seed=seed))
+        trained.rename(path)
+        logging.info("trained %s in %.0f s", path, time.perf_counter() - start)
+
+
+def seed_rows(output: Path, concept: str, label: str, variant: str = "shipped", **condition) -> list[Condition]:
+    return [Condition(f"{label} | seed {s}", [membrane(output, variant, concept, s)], **condition) for s in SEEDS]
+
+
+def spm_rows(output: Path, concept: str, variant: str = "shipped", label: str = "SPM") -> list[Condition]:
+    return [row for metric in METRICS for row in seed_rows(output, concept, f"{label}, transport {metric}", variant,
+                                                           metric=metric)]
+
+
+def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
+    """Table name -> a function of (pipe, judge, world) giving its JSON."""
+    jobs: dict[str, Callable[..., dict]] = {}
+    for concept in [*SIX, *(c.name for c in ALL_CONCEPTS if c.name not in SIX)]:
+        jobs[f"concept_{concept}"] = lambda p, j, w, c=concept: compare(
+            p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], EVALUATION).as_dict()
+    for seed in SEEDS:
+        files = [membrane(output, "shipped", c, seed) for c in SIX]
+        jobs[f"six_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [
+            Condition("no membrane"), *(Condition(f"SPM, transport {m}", f, metric=m) for m in METRICS)],
+            EVALUATION).as_dict()
+    for concept in ABLATED:
+        jobs[f"ablation_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], [
+            *seed_rows(output, c, "plain LoRA (erase only, load_lora_weights)", "erase-only", as_lora=True),
+            *seed_rows(output, c, "SPM without LA, transport tokensim", "erase-only", metric="tokensim"),
+            *seed_rows(output, c, "SPM, no transport", transport=False),
+            *spm_rows(output, c, "random-anchors", "SPM, random anchors only"),
+        ], EVALUATION).as_dict()
+        jobs[f"implicit_{concept}"] = lambda p, j, w, c=concept: implicit_frequency(p, j, w, c, [
+            Condition("no membrane"),
+            *seed_rows(output, c, "SPM, no transport", transport=False),
+            *spm_rows(output, c),
+            *seed_rows(output, c, "SPM, random anchors only, no transport", "random-anchors", transport=False),
+            *spm_rows(output, c, "random-anchors", "SPM, random anchors only"),
+            *(row for floor in FLOORS for row in seed_rows(output, c, f"SPM, transport tokensim, floor {floor:g}",
+                                                         metric="tokensim", floor=floor)),
+        ])
+        jobs[f"time_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], [
+            Condition(f"step {step} | seed {s}", [membrane(output, "shipped", c, s, step)], metric="tokensim")
+            for step in CHECKPOINTS for s in SEEDS], EVALUATION).as_dict()
+    jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
+        row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
+                                                     metric="tokensim", floor=floor)], EVALUATION).as_dict()
+    jobs["templates_red"] = lambda p, j, w: compare(p, j, w, ["red"], spm_rows(output, "red", "templates",
+                                                                               "SPM, templates"), EVALUATION).as_dict()
+    jobs["la_sweep_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
+        row for name in ("la0", "shipped", "la10", "la100")
+        for row in seed_rows(output, "red", f"la_strength {VARIANTS[name].settings.la_strength:g}, transport tokensim",
+                             name, metric="tokensim")], EVALUATION).as_dict()
+    return jobs
+
+
+def evaluate(output: Path, shard: tuple[int, int]) -> None:
+    world, judge, pipe = ConceptWorld(), load_judge(), load_concept_world_pipeline()
+    tables = output / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    for index, (name, job) in enumerate(evaluation_jobs(output).items()):
+        path = tables / f"{name}.json"
+        if index % shard[1] != shard[0] or path.exists():
+            continue
+        start = time.perf_counter()
+        try:
+            result = job(pipe, judge, world)
+        except FileNotFoundError as error:  # a membrane not trained yet: run `train` first
+            logging.warning("skipped %s: %s", name, error)
+            continue
+        path.write_text(json.dumps(result, indent=2))
+        logging.info("evaluated %s in %.0f s", name, time.perf_counter() - start)
+
+
+def report(output: Path) -> None:
+    """Grids for the six-at-once case and the shipped membranes, and every table as markdown."""
+    from diffusers_spm.concept_world.report import world_report
+
+    world, pipe = ConceptWorld(), load_concept_world_pipeline()
+    before_after_grid(pipe, world, SIX, [membrane(output, "shipped", c, 0) for c in SIX], output / "grid_six.png")
+    world_report(output / "tables", output / "results.md")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("train", "evaluate", "report"))
     parser.add_argument("--output", default="outputs/concept_world")
-    parser.add_argument("--concepts", nargs="+", default=["red", "blue", "green", "circle", "striped", "star"],
-                        help="the first is the single target; the first 1, 3 and all are erased together")
-    parser.add_argument("--la-strengths", type=float, nargs="+", default=[0.0, 1.0, 10.0, 100.0, 1000.0])
-    parser.add_argument("--iterations", type=int, default=WorldTraining.iterations)
+    parser.add_argument("--shard", default="0/1", help="k/n: this process takes every n-th job from the k-th")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-
+    shard = tuple(int(x) for x in args.shard.split("/"))
     output = Path(args.output)
-    world, judge, pipe = ConceptWorld(), load_judge(), load_concept_world_pipeline()
-    settings = replace(WorldTraining(), iterations=args.iterations)
-    target = args.concepts[0]
-    evaluation = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
-
-    erase_only = train_world_membrane(pipe, target, output, action="erase", settings=settings)
-    anchored = train_world_membrane(pipe, target, output, settings=settings)
-    tables = {
-        f"Erasing {target}": compare(pipe, judge, world, [target], [
-            Condition("no membrane"),
-            Condition("plain LoRA, no transport (load_lora_weights, erase only)", [erase_only], as_lora=True),
-            Condition("SPM without LA, transport", [erase_only]),
-            Condition("SPM with LA, no transport", [anchored], transport=False),
-            Condition("SPM with LA + transport (clipcos_tokenuni, the reference's)", [anchored]),
-            Condition("SPM with LA + transport (tokensim)", [anchored], metric="tokensim"),
-        ], evaluation),
-        f"Transport metrics (SPM with LA, erasing {target})": compare(pipe, judge, world, [target], [
-            Condition(f"{metric}, power {power:g}", [anchored], metric=metric, power=power)
-            for metric in ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos_tokenuni", "tokensim") for power in (1.0, 2.0)
-        ], evaluation),
-    }
-    sweep = []
-    for strength in args.la_strengths:
-        file = train_world_membrane(pipe, target, output / f"la_{strength:g}", settings=replace(settings, la_strength=strength))
-        sweep.append(Condition(f"la_strength {strength:g}", [file]))
-    tables[f"la_strength sweep ({settings.iterations} iterations, lr {settings.lr:g}, erasing {target})"] = compare(
-        pipe, judge, world, [target], sweep, evaluation)
-
-    files = [anchored] + [train_world_membrane(pipe, c, output, settings=settings) for c in args.concepts[1:]]
-    for count in sorted({1, min(3, len(files)), len(files)}):
-        erased = args.concepts[:count]
-        tables[f"{count} concept(s) at once: {', '.join(erased)}"] = compare(pipe, judge, world, erased, [
-            Condition("no membrane"),
-            Condition("SPM with LA + transport (clipcos_tokenuni)", files[:count]),
-            Condition("SPM with LA + transport (tokensim)", files[:count], metric="tokensim"),
-        ], evaluation)
-    for concept, file in zip(args.concepts, files):
-        before_after_grid(pipe, world, [concept], [file], output / f"grid_{concept}.png")
-    json_path, md_path = write_report(tables, output)
-    logging.info("wrote %s and %s\n%s", md_path, json_path, md_path.read_text())
+    {"train": lambda: train(output, shard), "evaluate": lambda: evaluate(output, shard),
+     "report": lambda: report(output)}[args.stage]()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import nn
 
 from .layers import MembraneBank, attach_bank, detach_bank, layer_hook
 from .membrane import Membrane, MembraneFormatError, kohya_name
-from .transport import TransportConfig, TransportRate, gates_from_rates
+from .transport import TransportConfig, TransportRate
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ class MembraneController(ModelHook):
         rate = TransportRate(self.transport.metric)
         scores = rate.concept_scores(text, None, concept_embeds, [])
         rates = rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
-        return gates_from_rates(rates, self.scales(), self.transport.power)
+        return self.transport.gates(rates, self.scales())
 
     def gates_for(self, bank: MembraneBank, x: torch.Tensor) -> ForwardGates | None:
         """The gates a layer applies now; a layer called outside a UNet forward applies the scales."""

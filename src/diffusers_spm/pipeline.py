@@ -29,7 +29,7 @@ from diffusers import (
 from .hub import resolve_membrane
 from .membrane import Membrane
 from .model import CallGates, MembraneController
-from .transport import TransportConfig, TransportRate, at_end_of_text, gates_from_rates
+from .transport import TransportConfig, TransportRate, at_end_of_text
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,14 @@ class SPMPipelineMixin:
         metric: str = "clipcos_tokenuni",
         power: float = 2.0,
         cfg_rows: str = "paired",
+        floor: float = 0.0,
     ) -> None:
-        """Facilitated Transport on (gates follow each prompt) or off (gates are the scales)."""
+        """Facilitated Transport on (gates follow each prompt) or off (gates are the scales).
+
+        `floor` is the lowest rate a membrane acts with on any prompt (0, the reference, by default)."""
         controller = self._spm_controller()
-        controller.transport = TransportConfig(enabled=enabled, metric=metric, power=power, cfg_rows=cfg_rows)
+        controller.transport = TransportConfig(enabled=enabled, metric=metric, power=power, cfg_rows=cfg_rows,
+                                               floor=floor)
         controller.changed()
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
@@ -176,12 +180,12 @@ class SPMPipelineMixin:
             return CallGates(None, None, images_per_prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scales = controller.scales()
-        gates = gates_from_rates(self._spm_rates(controller, prompts), scales, transport.power)
+        gates = transport.gates(self._spm_rates(controller, prompts), scales)
         negative_gates = None
         if transport.cfg_rows == "own" and arguments.get("negative_prompt_embeds") is None:
             negative = arguments.get("negative_prompt") or ""
             negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-            negative_gates = gates_from_rates(self._spm_rates(controller, negatives), scales, transport.power)
+            negative_gates = transport.gates(self._spm_rates(controller, negatives), scales)
         return CallGates(gates, negative_gates, images_per_prompt)
 
     # ------------------------------------------------------------------ transport

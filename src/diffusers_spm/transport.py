@@ -43,6 +43,9 @@ class TransportConfig:
     metric: Metric = "clipcos_tokenuni"
     power: float = 2.0
     cfg_rows: Literal["paired", "own"] = "paired"
+    # The lowest rate a membrane acts with, whatever the prompt: above 0 it also acts, weakly, on
+    # prompts that do not name its concept (docs/transport.md, "Rate floor"). 0 is the reference.
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -51,6 +54,12 @@ class TransportConfig:
             raise ValueError(f"Transport power must be a finite number > 0, got {self.power!r} (2.0 is the reference).")
         if self.cfg_rows not in CFG_ROWS:
             raise ValueError(f"cfg_rows must be one of {', '.join(CFG_ROWS)}, got {self.cfg_rows!r}.")
+        if not (isinstance(self.floor, (int, float)) and 0.0 <= self.floor <= 1.0):
+            raise ValueError(f"The rate floor must be a number in [0, 1], got {self.floor!r} (0 is the reference).")
+
+    def gates(self, rates: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """`user_scale * max(rate, floor) ** power`, broadcast over the leading (prompt or row) dimension."""
+        return scales.to(rates) * rates.clamp(min=self.floor).pow(self.power)
 
 
 def clipcos(prompt_embeds: torch.Tensor, concept_embeds: torch.Tensor) -> torch.Tensor:
@@ -134,7 +143,3 @@ class TransportRate:
         columns = torch.split(concept_scores, list(concepts_per_membrane), dim=1)
         return torch.stack([c.amax(1) for c in columns], dim=1).clamp(0.0, 1.0)
 
-
-def gates_from_rates(rates: torch.Tensor, scales: torch.Tensor, power: float) -> torch.Tensor:
-    """`user_scale * rate ** power`, broadcast over the leading (prompt or row) dimension."""
-    return scales.to(rates) * rates.pow(power)

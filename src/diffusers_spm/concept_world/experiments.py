@@ -8,11 +8,12 @@ metrics side by side, and a sweep of `la_strength`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,8 +26,10 @@ from .metrics import (
     ConceptMetrics,
     WorldEvaluation,
     concept_cases,
+    concept_frequency,
     evaluate_concepts,
     generate_images,
+    implicit_cases,
     reference_images,
 )
 from .model import WEIGHTS_DIR
@@ -39,11 +42,13 @@ MEMBRANES_DIR = WEIGHTS_DIR / "membranes"
 
 @dataclass(frozen=True)
 class WorldTraining:
-    """The training settings that work on the world (see docs/concept-world.md for the sweeps).
+    """The training settings for the world (docs/concept-world.md has the sweeps behind them).
 
-    The reference's `max_denoising_steps` (30) and its prompt templates ("a photo of a {}.") erase
-    reliably; the bare concept word with 10 steps erased 3-69 % depending on the seed. `la_strength`
-    1 keeps preservation; 10 and more hold the membrane back from erasing on this small model.
+    The reference's trainer as it runs: 30 partial-denoising steps, the bare concept word (its
+    `use_template` is never applied), and Latent Anchoring on the unconditional prompt plus two random
+    anchors (`anchor_unconditional`). `la_strength` 1 is the order that keeps preservation on this
+    small model, where the reference's 1000 holds the membrane back from erasing; lr and iterations
+    are scaled to the world (300 iterations at 1e-2 instead of 3000 at 1e-4).
     """
 
     iterations: int = 300
@@ -51,8 +56,10 @@ class WorldTraining:
     la_strength: float = 1.0
     max_denoising_steps: int = 30
     eta: float = 1.0
-    use_template: bool = True
+    use_template: bool = False
+    anchor_unconditional: bool = True
     seed: int = 0
+    save_every: int | None = None  # also save the membrane every N iterations (time-to-quality curves)
 
 
 def training_config(concept: str, action: str, settings: WorldTraining, output: Path) -> TrainingConfig:
@@ -61,12 +68,13 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
         "pretrained_model": {"name_or_path": str(WEIGHTS_DIR)},
         "concepts": [{"target": concept, "action": action, "la_strength": settings.la_strength,
                       "resolution": 32, "guidance_scale": settings.eta, "use_template": settings.use_template,
-                      "sampling_batch_size": 4, "batch_size": 1}],
+                      "anchor_unconditional": settings.anchor_unconditional, "sampling_batch_size": 4,
+                      "batch_size": 1}],
         "network": {"rank": 1, "alpha": 1.0},
         "train": {"iterations": settings.iterations, "lr": settings.lr, "optimizer_type": "AdamW",
                   "lr_scheduler": "constant", "lr_warmup_steps": 0, "max_denoising_steps": settings.max_denoising_steps,
                   "seed": settings.seed, "device": "cpu"},
-        "save": {"name": concept, "path": str(output), "per_steps": settings.iterations},
+        "save": {"name": concept, "path": str(output), "per_steps": settings.save_every or settings.iterations},
     })
 
 
@@ -86,6 +94,7 @@ class Condition:
     transport: bool = True
     metric: str = "clipcos_tokenuni"
     power: float = 2.0
+    floor: float = 0.0
     as_lora: bool = False
 
 
@@ -106,6 +115,26 @@ class Comparison:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def applied(pipe: Any, condition: Condition) -> Iterator[None]:
+    """The pipeline with `condition`'s membranes (or LoRAs) loaded and its transport set, for a block."""
+    add_spm_support(pipe)
+    try:
+        for index, file in enumerate(condition.files):
+            if condition.as_lora:
+                pipe.load_lora_weights(str(file), adapter_name=f"lora{index}")
+            else:
+                pipe.load_spm(file, adapter_name=f"m{index}")
+        if condition.files and not condition.as_lora:
+            pipe.set_spm_transport(condition.transport, metric=condition.metric, power=condition.power,
+                                   floor=condition.floor)
+        yield
+    finally:
+        pipe.unload_spm()
+        if condition.as_lora:
+            pipe.unload_lora_weights()
+
+
 def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str], conditions: Sequence[Condition],
             evaluation: WorldEvaluation = WorldEvaluation()) -> Comparison:
     """Evaluate every condition on the same prompts and seeds; the pipeline is left without membranes."""
@@ -113,20 +142,25 @@ def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str],
     result = Comparison(list(erased))
     reference = reference_images(pipe, world, erased, evaluation)
     for condition in conditions:
-        try:
-            for index, file in enumerate(condition.files):
-                if condition.as_lora:
-                    pipe.load_lora_weights(str(file), adapter_name=f"lora{index}")
-                else:
-                    pipe.load_spm(file, adapter_name=f"m{index}")
-            if condition.files and not condition.as_lora:
-                pipe.set_spm_transport(condition.transport, metric=condition.metric, power=condition.power)
+        with applied(pipe, condition):
             result.rows[condition.label] = evaluate_concepts(pipe, judge, world, erased, reference=reference,
                                                              evaluation=evaluation)
-        finally:
-            pipe.unload_spm()
-            if condition.as_lora:
-                pipe.unload_lora_weights()
+    return result
+
+
+def implicit_frequency(pipe: Any, judge: Judge, world: ConceptWorld, concept: str, conditions: Sequence[Condition],
+                       prompts: int = 16, seeds_per_prompt: int = 12) -> dict[str, dict[str, float]]:
+    """How often each condition draws `concept` on prompts that leave its kind unnamed (the world's
+    I2P), per condition label: the judge's share and, for colours, the pixel count's."""
+    kind = world.concept(concept).kind
+    cases = implicit_cases(world, kind, prompts, seeds_per_prompt)
+    result = {}
+    for condition in conditions:
+        with applied(pipe, condition):
+            images = generate_images(pipe, [c.prompt for c in cases], [c.seed for c in cases])
+        frequency = concept_frequency(judge, images, kind)
+        result[condition.label] = {key: frequency.get(key, 0.0) for key in (concept, f"pixels:{concept}")
+                                   if kind == "colour" or key == concept}
     return result
 
 
@@ -164,11 +198,6 @@ def before_after_grid(pipe: Any, world: ConceptWorld, concepts: Sequence[str], f
         cases = concept_cases(world, [concept], prompts_per_concept=4, seeds_per_prompt=2, seed=7)
         prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
         rows.append((f"{concept}: no membrane", generate_images(pipe, prompts, seeds)))
-        try:
-            for index, file in enumerate(files):
-                pipe.load_spm(file, adapter_name=f"m{index}")
-            pipe.set_spm_transport(True, metric=metric)
+        with applied(pipe, Condition("with membrane", files, metric=metric)):
             rows.append((f"{concept}: with membrane", generate_images(pipe, prompts, seeds)))
-        finally:
-            pipe.unload_spm()
     return write_grid(rows, path)

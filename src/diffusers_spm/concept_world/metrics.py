@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import Judge
-from .world import ConceptWorld
+from .world import BACKGROUND_RGB, COLOUR_RGB, KINDS, ConceptWorld
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +228,44 @@ def reference_images(
         guidance_scale=evaluation.guidance_scale,
         progress=progress,
     )
+
+
+def implicit_cases(world: ConceptWorld, kind: str, prompts: int = 16, seeds_per_prompt: int = 12,
+                   seed: int = 0) -> list[PromptCase]:
+    """Prompts that leave one kind unnamed ("a striped star" names no colour), the world's I2P: the
+    model picks that attribute itself, so a membrane for one of its concepts must not make it likelier."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    cases = []
+    choices = world.caption_choices()
+    for _ in range(prompts):
+        named = {k: world.names(k)[rng.integers(len(world.names(k)))] for k in KINDS if k != kind}
+        choice = choices[rng.integers(len(choices))]
+        caption = world.format_caption(choice, named.get("shape"), named.get("colour"), named.get("texture"))
+        cases.extend(PromptCase(caption.text, int(rng.integers(2**31 - 1)), "", kind) for _ in range(seeds_per_prompt))
+    return cases
+
+
+def dominant_colours(images: np.ndarray) -> list[str]:
+    """Each image's colour by a pixel count, independent of the judge: every pixel goes to the nearest
+    of the world's colours and backgrounds, and the image takes its most frequent colour."""
+    palette = {**COLOUR_RGB, **{f"background:{k}": v for k, v in BACKGROUND_RGB.items()}}
+    names = list(palette)
+    centres = np.asarray([palette[n] for n in names], dtype=np.float32) / 255.0
+    pixels = images.reshape(len(images), -1, 1, 3).astype(np.float32)
+    nearest = ((pixels - centres) ** 2).sum(-1).argmin(-1)  # [N, pixels]
+    colours = [i for i, n in enumerate(names) if n in COLOUR_RGB]
+    counts = np.stack([(nearest == i).sum(1) for i in colours], axis=1)
+    return [names[colours[i]] for i in counts.argmax(1)]
+
+
+def concept_frequency(judge: Judge, images: np.ndarray, kind: str) -> dict[str, float]:
+    """Share of images the judge gives each concept of `kind` (for colours also by pixel count, keyed
+    `pixels:<colour>`)."""
+    labels = judge.classify(images)[kind]
+    frequency = {name: float(np.mean([label == name for label in labels])) for name in sorted(set(labels))}
+    if kind == "colour":
+        counted = dominant_colours(images)
+        frequency.update({f"pixels:{n}": float(np.mean([c == n for c in counted])) for n in sorted(set(counted))})
+    return frequency

@@ -32,6 +32,11 @@ class Conditioning:
     def __len__(self) -> int:
         return self.text.shape[0]
 
+    def __getitem__(self, rows: int | slice) -> "Conditioning":
+        """Row `i` (kept as a batch of one) or a slice of rows."""
+        index = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        return Conditioning(*(None if t is None else t[index] for t in self._parts()))
+
     def repeat(self, times: int) -> "Conditioning":
         """Each row `times` times in a row (`repeat_interleave`), as the reference lays out batches."""
         return Conditioning(*(None if t is None else t.repeat_interleave(times, dim=0) for t in self._parts()))

@@ -62,6 +62,9 @@ class ConceptConfig(_Section):
     use_template: bool = False
     la_strength: float = Field(default=1000.0, ge=0)
     sampling_batch_size: int = Field(default=4, ge=1)
+    # Latent Anchoring also holds the unconditional prompt's prediction, as the reference's anchor batch
+    # does in effect (`[∅, a3, ∅, a4]` for 4 anchors; docs/training.md). False: random anchors only.
+    anchor_unconditional: bool = True
 
     @field_validator("target")
     @classmethod

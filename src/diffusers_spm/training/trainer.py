@@ -188,16 +188,24 @@ class MembraneTrainer:
         if concept.use_template:
             prompt = TEMPLATES[int(torch.randint(0, len(TEMPLATES), (), generator=gen))].format(concept.target)
         target = self.encode(prompt)
-        anchors = None
-        if concept.action == "erase_with_la":
-            text = sample_anchor_embeddings(target.text, concept.sampling_batch_size, gen)
-            pooled = None
-            if target.pooled is not None:
-                pooled = sample_anchor_embeddings(target.pooled, concept.sampling_batch_size, gen)
-            anchors = Conditioning(text, pooled)
+        anchors = self._anchors(concept, target) if concept.action == "erase_with_la" else None
         if time_ids is not None:
             time_ids = time_ids.to(self.device, self.dtype)
         return Plan(index, steps, latents, target, time_ids, anchors)
+
+    def _anchors(self, concept: ConceptConfig, target: Conditioning) -> Conditioning:
+        """The rows Latent Anchoring holds: `sampling_batch_size` random embeddings, or, with
+        `anchor_unconditional`, the reference's effective rows. The reference puts the unconditional
+        prompt before each anchor, `[∅, a1, ∅, a2, ..., ∅, aS]`, and its guidance-1 call keeps the second
+        half of that batch, so it anchors `[∅, a3, ∅, a4]` for S = 4: the unconditional prompt twice."""
+        count, gen = concept.sampling_batch_size, self.generator
+        pooled = None if target.pooled is None else sample_anchor_embeddings(target.pooled, count, gen)
+        anchors = Conditioning(sample_anchor_embeddings(target.text, count, gen), pooled)
+        if not concept.anchor_unconditional:
+            return anchors
+        unconditional = self.encode(concept.unconditional)
+        interleaved = Conditioning.cat([row for i in range(count) for row in (unconditional, anchors[i])])
+        return interleaved[count:]
 
     def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, time_ids: torch.Tensor | None
               ) -> torch.Tensor:

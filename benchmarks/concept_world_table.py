@@ -59,11 +59,13 @@ VARIANTS = {v.name: v for v in (
     Variant("erase-only", BASE, action="erase"),
     *(Variant(f"la{strength:g}", replace(BASE, la_strength=strength)) for strength in (0.0, 10.0, 100.0)),
 )}
-# Training jobs in priority order: the six-at-once concepts, the other concepts, then ablations.
+# Training jobs in priority order: the six-at-once concepts, the anchoring before/after, the other
+# concepts, then the other ablations.
 TRAIN_JOBS = (
     [("shipped", c, s) for c in SIX for s in SEEDS]
+    + [("random-anchors", c, s) for c in ABLATED for s in SEEDS]
     + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
-    + [(v, c, s) for v in ("random-anchors", "erase-only") for c in ABLATED for s in SEEDS]
+    + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
     + [(v, "red", s) for v in ("templates", "la0", "la10", "la100") for s in SEEDS]
 )
 

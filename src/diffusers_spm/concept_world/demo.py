@@ -61,7 +61,7 @@ def run_demo(output: Path, concept: str = DEFAULT_CONCEPT, train: bool = True,
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_demo(Path(args.output), args.concept, train=not args.no_train)
+    run_demo(Path(args.output), args.concept, train=not args.no_train, settings=WorldTraining(seed=args.seed))
     return 0
 
 
@@ -70,4 +70,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", default="outputs/demo")
     parser.add_argument("--concept", default=DEFAULT_CONCEPT, help="a shape, colour or texture of the world")
     parser.add_argument("--no-train", action="store_true", help="use the shipped pre-trained membrane")
+    parser.add_argument("--seed", type=int, default=WorldTraining.seed,
+                        help="the training seed: run several to see how much erasing varies between trainings")
     parser.set_defaults(handler=_demo)

@@ -21,6 +21,7 @@ from PIL import Image
 from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
+from ..training.trainer import model_name
 from .judge import Judge
 from .metrics import (
     ConceptMetrics,
@@ -32,7 +33,7 @@ from .metrics import (
     implicit_cases,
     reference_images,
 )
-from .model import WEIGHTS_DIR
+from .model import WEIGHTS_DIR, WORLD_NAME
 from .world import ConceptWorld
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,11 @@ class WorldTraining:
     save_every: int | None = None  # also save the membrane every N iterations (time-to-quality curves)
 
 
-def training_config(concept: str, action: str, settings: WorldTraining, output: Path) -> TrainingConfig:
-    """A trainer config for one world concept, erased towards the empty prompt."""
+def training_config(concept: str, action: str, settings: WorldTraining, output: Path,
+                    base_model: str = WORLD_NAME) -> TrainingConfig:
+    """A trainer config for one concept of the world, erased towards the empty prompt, on `base_model`."""
     return TrainingConfig.from_dict({
-        "pretrained_model": {"name_or_path": str(WEIGHTS_DIR)},
+        "pretrained_model": {"name_or_path": base_model},
         "concepts": [{"target": concept, "action": action, "la_strength": settings.la_strength,
                       "resolution": 32, "guidance_scale": settings.eta, "use_template": settings.use_template,
                       "anchor_unconditional": settings.anchor_unconditional, "sampling_batch_size": 4,
@@ -80,8 +82,10 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
 
 def train_world_membrane(pipe: Any, concept: str, output: Path, action: str = "erase_with_la",
                          settings: WorldTraining = WorldTraining()) -> Path:
-    """Train one membrane on the world's pipeline and save it as `<output>/<concept>_<action>.safetensors`."""
-    membrane: Membrane = train_membrane(training_config(concept, action, settings, output / "runs"), pipeline=pipe)
+    """Train one membrane on `pipe` (the world's, or another trained on the world) and save it as
+    `<output>/<concept>_<action>.safetensors`; its metadata names the model it was trained on."""
+    config = training_config(concept, action, settings, output / "runs", model_name(pipe.name_or_path or WORLD_NAME))
+    membrane: Membrane = train_membrane(config, pipeline=pipe)
     return membrane.save(output / f"{concept}_{action}.safetensors")
 
 

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip_tokenizer"
 WEIGHTS_DIR = ASSETS / "concept_world"
+WORLD_NAME = "concept-world"  # how metadata and the CLI name the embedded model, on any machine
 JUDGE_DIR = WEIGHTS_DIR / "judge"
 
 IMAGE_SIZE = 32
@@ -146,6 +147,7 @@ def load_concept_world_pipeline(
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", dtype=dtype, local_files_only=True)
     scheduler = DDIMScheduler.from_pretrained(directory / "scheduler", local_files_only=True)
     pipe = assemble_pipeline(unet, vae, text_encoder, scheduler)
+    pipe.register_to_config(_name_or_path=WORLD_NAME)
     pipe.set_progress_bar_config(disable=True)
     logger.debug("loaded the concept-world pipeline from %s as %s", directory, dtype)
     return pipe.to(device or "cpu")

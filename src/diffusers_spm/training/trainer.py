@@ -137,7 +137,8 @@ class MembraneTrainer:
         membrane = Membrane(
             modules=modules, concepts=[c.target for c in self.concepts],
             surrogate=neutrals.pop() if len(neutrals) == 1 and "" not in neutrals else None,
-            base_model=self.config.pretrained_model.name_or_path, architecture=architecture_of(self.unet),
+            base_model=model_name(self.pipe.name_or_path or self.config.pretrained_model.name_or_path),
+            architecture=architecture_of(self.unet),
             training_config=self.config.model_copy(update={"concepts": self.concepts}).model_dump(mode="json"),
         )
         try:
@@ -344,6 +345,13 @@ class MembraneTrainer:
             self.controller.detach()
         if self._checkpointing:
             self.unet.disable_gradient_checkpointing()
+
+
+def model_name(name_or_path: str) -> str:
+    """The base model as metadata can name it on any machine: a Hub id or short name as it is, a
+    local folder by its own name (never the path of the machine that trained)."""
+    path = Path(name_or_path)
+    return path.name if path.is_absolute() or path.exists() else name_or_path
 
 
 def _bucket(resolution: int, generator: torch.Generator) -> int:

@@ -57,16 +57,17 @@ VARIANTS = {v.name: v for v in (
     Variant("random-anchors", replace(BASE, anchor_unconditional=False)),
     Variant("templates", replace(BASE, use_template=True)),
     Variant("erase-only", BASE, action="erase"),
+    Variant("stale5", replace(BASE, denoise_batch=5)),
     *(Variant(f"la{strength:g}", replace(BASE, la_strength=strength)) for strength in (0.0, 10.0, 100.0)),
 )}
 # Training jobs in priority order: the six-at-once concepts, the anchoring before/after, the other
-# concepts, then the other ablations.
+# concepts, then the ablations (each on red first).
 TRAIN_JOBS = (
     [("shipped", c, s) for c in SIX for s in SEEDS]
     + [("random-anchors", c, s) for c in ABLATED for s in SEEDS]
     + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
-    + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
-    + [(v, "red", s) for v in ("templates", "la0", "la10", "la100") for s in SEEDS]
+    + [(v, "red", s) for v in ("stale5", "erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
+    + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
 )
 
 
@@ -128,9 +129,10 @@ def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
             *(row for floor in FLOORS for row in seed_rows(output, c, f"SPM, transport tokensim, floor {floor:g}",
                                                          metric="tokensim", floor=floor)),
         ])
-        jobs[f"time_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], [
-            Condition(f"step {step} | seed {s}", [membrane(output, "shipped", c, s, step)], metric="tokensim")
-            for step in CHECKPOINTS for s in SEEDS], EVALUATION).as_dict()
+        for variant in ("shipped", "stale5"):
+            jobs[f"time_{variant}_{concept}"] = lambda p, j, w, c=concept, v=variant: compare(p, j, w, [c], [
+                Condition(f"step {step} | seed {s}", [membrane(output, v, c, s, step)], metric="tokensim")
+                for step in CHECKPOINTS for s in SEEDS], EVALUATION).as_dict()
     jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
         row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
                                                      metric="tokensim", floor=floor)], EVALUATION).as_dict()

@@ -8,7 +8,10 @@ cross-attention, random weights) at a small latent size, and prints one table. T
   membrane as an adapter beside each layer (`with network:` in the reference);
 - "unbatched": `batch_unet_calls: false`; the membrane is merged into the weights for the
   denoising loop, as in all our training;
-- "batched": `batch_unet_calls: true` (the default).
+- "batched": `batch_unet_calls: true` (the default);
+- "stale": batched, and `train.denoise_batch: 5`: the latents of 5 iterations are denoised in one
+  batch with the membrane of the first (an opt-in that changes the semantics; the concept-world
+  table measures whether it still erases).
 The partial denoising (k CFG steps with the membrane on, k ~ U[1, T)) is the same in the last two;
 the "loss phase" is the rest of the step, the part that batching changes. Peak memory is the peak RSS above
 the RSS at the start of each iteration (CPU, sampled every 2 ms), or the growth of
@@ -34,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import tiny_components, tiny_pipeline  # noqa: E402
-
+from diffusers_spm.concept_world import load_concept_world_pipeline  # noqa: E402
 from diffusers_spm.training import TrainingConfig  # noqa: E402
 from diffusers_spm.training.trainer import MembraneTrainer  # noqa: E402
 
@@ -91,43 +94,47 @@ class PhaseTimer:
         self.denoise = 0.0
         original = trainer.denoise
 
-        def timed(plan):
+        def timed(plans):
             start = time.perf_counter()
             try:
-                return original(plan)
+                return original(plans)
             finally:
                 self.denoise += time.perf_counter() - start
 
         trainer.denoise = timed
 
 
-FORMS = ("reference", "unbatched", "batched")
+FORMS = ("reference", "unbatched", "batched", "stale")
+STALE_BATCH = 5
 
 
 def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps: int, warmup: bool
         ) -> dict[str, dict[str, float]]:
     """The forms side by side on the same seed and weights, their steps interleaved so that load
     on a shared machine hits all alike."""
+    iterations = -(-iterations // STALE_BATCH) * STALE_BATCH  # whole denoise batches for the stale form
     trainers, timers, totals, peaks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for form in FORMS:
-            batched = form == "batched"
+            batched = form in ("batched", "stale")
             pipe = pipe_factory()
             config = TrainingConfig.from_dict({
                 "pretrained_model": {"name_or_path": "benchmark"},
                 "concepts": [{"target": "snoopy", "action": "erase_with_la", "resolution": latent * pipe.vae_scale_factor,
                               "la_strength": 1000.0, "sampling_batch_size": 4}],
-                "train": {"iterations": iterations + 1, "optimizer_type": "AdamW", "lr_warmup_steps": 0,
-                          "max_denoising_steps": denoising_steps, "batch_unet_calls": batched, "device": device},
-                "save": {"path": tmp},
+                "train": {"iterations": iterations + STALE_BATCH, "optimizer_type": "AdamW", "lr_warmup_steps": 0,
+                          "max_denoising_steps": denoising_steps, "batch_unet_calls": batched, "device": device,
+                          "denoise_batch": STALE_BATCH if form == "stale" else 1},
+                "save": {"path": tmp, "per_steps": 10 * STALE_BATCH},
             })
             trainer = trainers[form] = MembraneTrainer(config, pipe, config.concepts, torch.device(device))
             if form == "reference":
                 # Without a pipeline-call scope the layers add U(Dx) beside the frozen weight on
                 # every call instead of using merged weights: what the reference's network does.
                 trainer.controller.pipeline_call = lambda call: contextlib.nullcontext()
-            if warmup:  # first-call overheads matter on small models only
-                trainer.step()
+            if warmup:  # first-call overheads matter on small models only; one whole denoise batch
+                for _ in range(STALE_BATCH):
+                    trainer.step()
             timers[form], totals[form], peaks[form] = PhaseTimer(trainer), 0.0, 0
         for _ in range(iterations):
             for form, trainer in trainers.items():
@@ -158,6 +165,8 @@ def main() -> None:
     parser.add_argument("--tiny-iterations", type=int, default=10)
     parser.add_argument("--sd15-iterations", type=int, default=2)
     parser.add_argument("--sd15-latent", type=int, default=8, help="latent side (8 = 64 px for SD)")
+    parser.add_argument("--world-iterations", type=int, default=20,
+                        help="iterations on the concept world at its training size (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -169,18 +178,24 @@ def main() -> None:
                      run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps,
                          warmup=args.device == "cuda")))
         print(rows[-1], flush=True)
+    if args.world_iterations:
+        world = load_concept_world_pipeline
+        rows.append(("concept world, 32 px", run(world, 32 // world().vae_scale_factor, args.world_iterations,
+                                                 args.device, args.denoising_steps, warmup=True)))
+        print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\nDevice: {device}; erase_with_la, 4 anchors, max_denoising_steps={args.denoising_steps}\n")
-    print("| model | it/s reference / unbatched / batched | batched vs unbatched | batched vs reference | "
-          "loss phase: batched vs unbatched | denoising: merged vs adapter | denoising share (unbatched / batched) | "
-          "peak MB reference / unbatched / batched |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | it/s reference / unbatched / batched / stale | batched vs unbatched | batched vs reference | "
+          "stale vs batched | loss phase: batched vs unbatched | denoising: merged vs adapter | "
+          "denoising share (unbatched / batched) | peak MB reference / unbatched / batched / stale |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
-        ref, u, b = (r[f] for f in FORMS)
-        print(f"| {name} | {ref['its']:.3f} / {u['its']:.3f} / {b['its']:.3f} | {b['its'] / u['its']:.2f}x | "
-              f"{b['its'] / ref['its']:.2f}x | {b['loss_its'] / u['loss_its']:.2f}x | "
-              f"{b['denoise_its'] / ref['denoise_its']:.2f}x | {u['denoise_share']:.0%} / {b['denoise_share']:.0%} | "
-              f"{ref['peak_mb']:.0f} / {u['peak_mb']:.0f} / {b['peak_mb']:.0f} |")
+        ref, u, b, st = (r[f] for f in FORMS)
+        print(f"| {name} | {ref['its']:.3f} / {u['its']:.3f} / {b['its']:.3f} / {st['its']:.3f} | "
+              f"{b['its'] / u['its']:.2f}x | {b['its'] / ref['its']:.2f}x | {st['its'] / b['its']:.2f}x | "
+              f"{b['loss_its'] / u['loss_its']:.2f}x | {b['denoise_its'] / ref['denoise_its']:.2f}x | "
+              f"{u['denoise_share']:.0%} / {b['denoise_share']:.0%} | "
+              f"{ref['peak_mb']:.0f} / {u['peak_mb']:.0f} / {b['peak_mb']:.0f} / {st['peak_mb']:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -23,14 +23,14 @@ DATA = Path(__file__).parent / "data"
 HELD_OUT = ["a photo of a cat", "mountains at sunset", "a red car", "portrait of a woman"]
 
 
-def config(tmp_path, concepts=None, **train) -> TrainingConfig:
+def config(tmp_path, concepts=None, per_steps=2, **train) -> TrainingConfig:
     """A tiny run: 32px (16x16 latents), 4 DDIM steps, AdamW, constant lr."""
     train = {"iterations": 4, "lr": 3e-3, "optimizer_type": "AdamW", "lr_scheduler": "constant",
              "lr_warmup_steps": 0, "max_denoising_steps": 4, **train}
     concepts = concepts or [{"target": "snoopy", "action": "erase_with_la", "resolution": 32, "la_strength": 1.0,
                              "sampling_batch_size": 2}]
     return TrainingConfig.from_dict({"pretrained_model": {"name_or_path": "tiny"}, "concepts": concepts,
-                                     "train": train, "save": {"path": str(tmp_path / "out"), "per_steps": 2}})
+                                     "train": train, "save": {"path": str(tmp_path / "out"), "per_steps": per_steps}})
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def test_training_lowers_erase_loss_and_keeps_anchor_loss_small(tmp_path):
     trainer = MembraneTrainer(cfg, tiny_pipeline(), cfg.concepts, torch.device("cpu"))
     trainer.generator.manual_seed(999)  # held-out draws for evaluation, then the run's own stream
     plans = [trainer.plan() for _ in range(6)]
-    latents = [trainer.denoise(plan) for plan in plans]
+    latents = trainer.denoise(plans)
     trainer.generator.manual_seed(0)
 
     def evaluate():
@@ -185,11 +185,12 @@ def test_batched_and_unbatched_calls_give_the_same_losses(tmp_path):
         assert (a - b).norm() < 1e-2 * a.norm(), part
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("denoise_batch", [1, 2])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, denoise_batch):
     torch.set_num_threads(1)
-    full = train_membrane(config(tmp_path / "full", iterations=4), tiny_pipeline())
+    full = train_membrane(config(tmp_path / "full", iterations=4, denoise_batch=denoise_batch), tiny_pipeline())
 
-    cfg = config(tmp_path / "cut", iterations=4)
+    cfg = config(tmp_path / "cut", iterations=4, denoise_batch=denoise_batch)
 
     def interrupt(step, values):
         if step == 3:
@@ -205,6 +206,30 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     for name, module in full.modules.items():
         assert torch.equal(module.down, resumed.modules[name].down), name
         assert torch.equal(module.up, resumed.modules[name].up), name
+
+
+def test_denoise_batch_draws_the_same_plans_and_denoises_the_first_with_the_current_membrane(tmp_path):
+    torch.set_num_threads(1)
+    trainers = {}
+    for batch in (1, 3):
+        cfg = config(tmp_path / str(batch), per_steps=3, iterations=3, denoise_batch=batch, max_denoising_steps=6)
+        trainers[batch] = MembraneTrainer(cfg, tiny_pipeline(), cfg.concepts, torch.device("cpu"))
+        with torch.no_grad():  # a membrane that acts, so that a stale one would show
+            for _, bank in trainers[batch].controller.banks():
+                bank.up.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+    pairs = [[trainers[batch].next_plan() for _ in range(3)] for batch in (1, 3)]
+    for (one, x_one), (three, x_three) in zip(*pairs):
+        assert (one.steps, one.concept) == (three.steps, three.concept)
+        assert torch.equal(one.latents, three.latents) and torch.equal(one.anchors.text, three.anchors.text)
+        torch.testing.assert_close(x_three, x_one, atol=1e-5, rtol=1e-4)  # no step taken: the same membrane
+    assert len({plan.steps for plan, _ in pairs[1]}) > 1  # the batch mixed depths
+    for trainer in trainers.values():
+        trainer.close()
+
+
+def test_checkpoints_must_fall_between_denoise_batches(tmp_path):
+    with pytest.raises(ValidationError, match="multiple of train.denoise_batch"):
+        config(tmp_path, denoise_batch=3)  # save.per_steps is 2
 
 
 def test_gradient_checkpointing_gives_the_same_membrane(tmp_path):

@@ -59,6 +59,7 @@ class WorldTraining:
     eta: float = 1.0
     use_template: bool = False
     anchor_unconditional: bool = True
+    denoise_batch: int = 1
     seed: int = 0
     save_every: int | None = None  # also save the membrane every N iterations (time-to-quality curves)
 
@@ -75,7 +76,7 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
         "network": {"rank": 1, "alpha": 1.0},
         "train": {"iterations": settings.iterations, "lr": settings.lr, "optimizer_type": "AdamW",
                   "lr_scheduler": "constant", "lr_warmup_steps": 0, "max_denoising_steps": settings.max_denoising_steps,
-                  "seed": settings.seed, "device": "cpu"},
+                  "denoise_batch": settings.denoise_batch, "seed": settings.seed, "device": "cpu"},
         "save": {"name": concept, "path": str(output), "per_steps": settings.save_every or settings.iterations},
     })
 

@@ -32,8 +32,8 @@ class Conditioning:
     def __len__(self) -> int:
         return self.text.shape[0]
 
-    def __getitem__(self, rows: int | slice) -> "Conditioning":
-        """Row `i` (kept as a batch of one) or a slice of rows."""
+    def __getitem__(self, rows: int | slice | torch.Tensor) -> "Conditioning":
+        """Row `i` (kept as a batch of one), a slice of rows, or the rows of an index tensor."""
         index = slice(rows, rows + 1) if isinstance(rows, int) else rows
         return Conditioning(*(None if t is None else t[index] for t in self._parts()))
 

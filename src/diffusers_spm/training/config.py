@@ -117,6 +117,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     seed: int = 0
     batch_unet_calls: bool = True
+    # Denoise the latents of this many iterations in one batch with the membrane of the first: faster,
+    # but the membrane is stale by up to denoise_batch - 1 steps (1: the reference's semantics).
+    denoise_batch: int = Field(default=1, ge=1)
     device: str | None = None  # None: the accelerate process's device
 
     @field_validator("optimizer_type", mode="before")
@@ -199,6 +202,16 @@ class TrainingConfig(_Section):
         if value is not None and _resolve(value, (info.context or {}).get("base_dir")) is None:
             raise ValueError(f"prompts file {value!r} not found (looked in the working directory and beside the config)")
         return value
+
+    @model_validator(mode="after")
+    def _checkpoints_between_denoise_batches(self) -> "TrainingConfig":
+        """A checkpoint holds no latents denoised ahead, so it must fall between denoise batches."""
+        if self.save.per_steps % self.train.denoise_batch:
+            raise ValueError(
+                f"save.per_steps ({self.save.per_steps}) must be a multiple of train.denoise_batch "
+                f"({self.train.denoise_batch}), so that checkpoints fall between denoise batches and resume exactly"
+            )
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "TrainingConfig":

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
@@ -68,6 +68,7 @@ class MembraneTrainer:
         self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.step_count = 0
+        self._pending: list[tuple[Plan, torch.Tensor]] = []  # denoised ahead (`train.denoise_batch`)
 
         for module in (self.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
             if module is not None:
@@ -214,22 +215,44 @@ class MembraneTrainer:
         return self.unet(self.scheduler.scale_model_input(latents, timestep), timestep, **cond.unet_kwargs()).sample
 
     @torch.no_grad()
-    def denoise(self, plan: Plan) -> torch.Tensor:
-        """`k` DDIM steps with the membrane on and CFG on the target; the membrane is merged into the
-        weights for the loop (it does not change within it)."""
-        concept = self.concepts[plan.concept]
-        batch = concept.batch_size
-        cond = Conditioning.cat([self.encode(concept.unconditional).repeat(batch), plan.target.repeat(batch)])
-        scale = self.config.train.denoise_guidance_scale
-        latents = plan.latents
+    def denoise(self, plans: Sequence[Plan]) -> list[torch.Tensor]:
+        """Each plan's `k` DDIM steps with the membrane on and CFG on its target, giving its `x_t`.
+
+        The membrane is merged into the weights for the loop (it does not change within it). Plans
+        whose latents share a size run as one batch, each leaving it after its own `k` steps.
+        """
+        results: list[torch.Tensor | None] = [None] * len(plans)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, plan in enumerate(plans):
+            groups.setdefault(tuple(plan.latents.shape[1:]), []).append(index)
         with self.membrane(True), self.controller.pipeline_call(CallGates(None, None, 1)):
-            for timestep in self.scheduler.timesteps[: plan.steps]:
-                uncond, text = self._unet(torch.cat([latents, latents]), timestep, cond, plan.time_ids).chunk(2)
-                guided = uncond + scale * (text - uncond)
-                if self.guidance_rescale > 0:
-                    guided = rescale_noise_cfg(guided, text, guidance_rescale=self.guidance_rescale)
-                latents = self.scheduler.step(guided, timestep, latents).prev_sample
-        return latents
+            for members in groups.values():
+                for index, latents in zip(members, self._denoise_together([plans[i] for i in members])):
+                    results[index] = latents
+        return results
+
+    def _denoise_together(self, plans: list[Plan]) -> list[torch.Tensor]:
+        rows = [plan.latents.shape[0] for plan in plans]
+        owner = torch.repeat_interleave(torch.arange(len(plans)), torch.tensor(rows))
+        steps = torch.tensor([plan.steps for plan in plans])[owner]
+        uncond, text = [], []
+        for plan in plans:
+            concept, batch = self.concepts[plan.concept], plan.latents.shape[0]
+            uncond.append(self.encode(concept.unconditional).repeat(batch).with_time_ids(plan.time_ids))
+            text.append(plan.target.repeat(batch).with_time_ids(plan.time_ids))
+        uncond, text = Conditioning.cat(uncond), Conditioning.cat(text)
+        latents = torch.cat([plan.latents for plan in plans])
+        scale = self.config.train.denoise_guidance_scale
+        for index, timestep in enumerate(self.scheduler.timesteps[: int(steps.max())]):
+            active = (steps > index).nonzero().squeeze(1)
+            current = latents[active]
+            cond = Conditioning.cat([uncond[active], text[active]])
+            noise_uncond, noise_text = self._unet(torch.cat([current, current]), timestep, cond, None).chunk(2)
+            guided = noise_uncond + scale * (noise_text - noise_uncond)
+            if self.guidance_rescale > 0:
+                guided = rescale_noise_cfg(guided, noise_text, guidance_rescale=self.guidance_rescale)
+            latents[active] = self.scheduler.step(guided, timestep, current).prev_sample
+        return list(latents.split(rows))
 
     def losses(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
         """Steps 2-3: the UNet calls at the loss timestep, the losses, and (by default) their backward."""
@@ -287,10 +310,18 @@ class MembraneTrainer:
                 losses["loss"].backward()
         return losses
 
+    def next_plan(self) -> tuple[Plan, torch.Tensor]:
+        """The next iteration's plan and its `x_t`. With `train.denoise_batch` B > 1, the latents of B
+        iterations are denoised together with the membrane of the first of them (stale by up to B - 1
+        steps); the random draws are the same whatever B is."""
+        if not self._pending:
+            plans = [self.plan() for _ in range(self.config.train.denoise_batch)]
+            self._pending = list(zip(plans, self.denoise(plans)))
+        return self._pending.pop(0)
+
     def step(self) -> dict[str, float]:
         """One optimisation step; returns the loss terms and the learning rate."""
-        plan = self.plan()
-        latents = self.denoise(plan)
+        plan, latents = self.next_plan()
         losses = self.losses(plan, latents)
         if self.config.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)

@@ -32,7 +32,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from tqdm.auto import tqdm
 
 from ..membrane import Membrane, MembraneModule
-from ..model import CallGates, MembraneController, architecture_of
+from ..model import MembraneController, architecture_of
 from ..transport import TransportConfig
 from .anchors import sample_anchor_embeddings
 from .conditioning import TEMPLATES, Conditioning, PromptEncoder, sdxl_time_ids
@@ -221,7 +221,7 @@ class MembraneTrainer:
         cond = Conditioning.cat([self.encode(concept.unconditional).repeat(batch), plan.target.repeat(batch)])
         scale = self.config.train.denoise_guidance_scale
         latents = plan.latents
-        with self.membrane(True), self.controller.pipeline_call(CallGates(None, None, 1)):
+        with self.membrane(True), self.controller.call_scope():
             for timestep in self.scheduler.timesteps[: plan.steps]:
                 uncond, text = self._unet(torch.cat([latents, latents]), timestep, cond, plan.time_ids).chunk(2)
                 guided = uncond + scale * (text - uncond)

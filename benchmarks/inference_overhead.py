@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from diffusers_spm.architectures import unet_config  # noqa: E402
-from diffusers_spm.model import CallGates, MembraneController, membrane_targets  # noqa: E402
+from diffusers_spm.model import MembraneController, membrane_targets  # noqa: E402
 from diffusers_spm.transport import TransportConfig  # noqa: E402
 from reference_spm import apply_reference, random_membrane, remove_reference  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -89,13 +89,15 @@ def main() -> None:
             for i, membrane in enumerate(membranes):
                 controller.add(f"m{i}", membrane, dtype=dtype)
             controller.transport = TransportConfig(enabled=False)
-            single = CallGates(torch.rand(1, n) + 0.1, None, 2)  # one prompt: CFG rows share gates
-            mixed = CallGates(torch.rand(2, n) + 0.1, None, 1)  # two prompts: one row each
-            with controller.pipeline_call(single):
+            single = torch.rand(n) + 0.1  # one prompt: CFG rows share gates
+            mixed = torch.rand(2, n) + 0.1  # two prompts: one row each
+            controller.row_gates = lambda sample, text: single  # as transport would rate the rows
+            with controller.call_scope():
                 first_step = seconds(step, device)  # the merge happens here, once per call
                 results["spm single prompt"] = paired(step, plain, args.repeats, device)
             merge_cost = first_step - results["spm single prompt"][1]
-            with controller.pipeline_call(mixed):
+            controller.row_gates = lambda sample, text: mixed
+            with controller.call_scope():
                 results["spm mixed batch"] = paired(step, plain, args.repeats, device)
             controller.detach()
 

@@ -131,7 +131,7 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
             if form == "reference":
                 # Without a pipeline-call scope the layers add U(Dx) beside the frozen weight on
                 # every call instead of using merged weights: what the reference's network does.
-                trainer.controller.pipeline_call = lambda call: contextlib.nullcontext()
+                trainer.controller.call_scope = lambda: contextlib.nullcontext()
             if warmup:  # first-call overheads matter on small models only; one whole denoise batch
                 for _ in range(STALE_BATCH):
                     trainer.step()

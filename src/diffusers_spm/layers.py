@@ -5,7 +5,9 @@ their ranks, so the update `U (G * D x)` costs two thin matmuls whatever N is. E
 its membrane's `alpha / rank`; gates arrive per membrane and are expanded to rows.
 
 The bank never writes to the base layer's weight except in `fuse`, which swaps in a new tensor
-and keeps the original object, so `unfuse` restores it bit for bit.
+and keeps the original object, so `unfuse` restores it bit for bit; a LoRA fused or unfused on
+top in the meantime is replayed by PEFT on the restored tensor, as if the membranes had never
+been fused.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class MembraneBank(nn.Module):
         self.register_buffer("row_scale", torch.empty(0, device=base.weight.device), persistent=False)
         self.register_buffer("row_owner", torch.empty(0, dtype=torch.long, device=base.weight.device), persistent=False)
         self.register_buffer("fused_original", None, persistent=False)
+        self.fused_loras: list[str] = []  # the LoRAs PEFT had merged into `fused_original`
 
     # The bank's tensors belong to the membranes, not to the user's model: keep them out of
     # `unet.state_dict()` and let `unet.load_state_dict(..., strict=True)` ignore them.
@@ -128,20 +131,35 @@ class MembraneBank(nn.Module):
 
     # ------------------------------------------------------------------ fuse
     @torch.no_grad()
-    def fuse(self, base: nn.Module, gates: torch.Tensor) -> None:
-        """Swap a merged weight into the base layer, keeping the original tensor for `unfuse`."""
+    def fuse(self, base: nn.Module, gates: torch.Tensor, lora: nn.Module | None = None) -> None:
+        """Swap a merged weight into the base layer, keeping the original tensor for `unfuse`.
+
+        `lora` is the PEFT layer wrapping `base`, if any: which of its adapters are merged now."""
         if self.fused_original is not None:
             raise RuntimeError("This layer is already fused; call `unfuse_spm()` first.")
         original = base.weight.data
         merged = (original.float() + self.delta_weight(gates).to(original.device)).to(original.dtype)
         self.fused_original = original
+        self.fused_loras = list(lora.merged_adapters) if lora is not None else []
         base.weight.data = merged
 
     @torch.no_grad()
-    def unfuse(self, base: nn.Module) -> None:
-        if self.fused_original is not None:
-            base.weight.data = self.fused_original
-            self.fused_original = None
+    def unfuse(self, base: nn.Module, lora: nn.Module | None = None) -> None:
+        """Put the original tensor back. If LoRAs were fused or unfused since `fuse` (`lora`'s merged
+        adapters differ), PEFT replays that change on it, so the weight is exactly what those LoRA calls
+        alone would have left, in any order of the four calls."""
+        if self.fused_original is None:
+            return
+        base.weight.data = self.fused_original
+        self.fused_original = None
+        merged_now = list(lora.merged_adapters) if lora is not None else []
+        if merged_now != self.fused_loras:
+            lora.merged_adapters = list(self.fused_loras)  # what the restored tensor holds
+            if self.fused_loras:
+                lora.unmerge()
+            if merged_now:
+                lora.merge(adapter_names=merged_now)
+        self.fused_loras = []
 
 
 class MembraneLayerHook(ModelHook):
@@ -152,10 +170,9 @@ class MembraneLayerHook(ModelHook):
         super().__init__()
         self.bank = bank
         self.controller = controller
-        self._merged: tuple[Any, torch.Tensor] | None = None
 
     def new_forward(self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        forward_gates = self.controller.gates_for(self.bank, x)
+        forward_gates = self.controller.gates_for(x)
         if forward_gates is None:
             return self.fn_ref.original_forward(x, *args, **kwargs)
         if forward_gates.merge_key is not None:
@@ -163,19 +180,18 @@ class MembraneLayerHook(ModelHook):
         return self.fn_ref.original_forward(x, *args, **kwargs) + self.bank.delta_output(module, x, forward_gates.gates)
 
     def _merged_forward(self, module: nn.Module, x: torch.Tensor, forward_gates: "ForwardGates") -> torch.Tensor:
-        """Every row shares the gates: run the base op once with `W + dW`, cached for the call."""
-        if self._merged is None or self._merged[0] != forward_gates.merge_key:
+        """Every row shares the gates: run the base op once with `W + dW`, cached in the running call's
+        scope (so concurrent calls never share or drop each other's merged weights)."""
+        merged = self.controller.call.merged
+        cached = merged.get(id(self))
+        if cached is None or cached[0] != forward_gates.merge_key:
             weight = module.weight.detach()
             delta = self.bank.delta_weight(forward_gates.gates).to(weight.device)
-            self._merged = (forward_gates.merge_key, (weight.float() + delta).to(weight.dtype))
-        weight = self._merged[1]
+            cached = merged[id(self)] = (forward_gates.merge_key, (weight.float() + delta).to(weight.dtype))
+        weight = cached[1]
         if self.bank.is_conv:
             return module._conv_forward(x, weight, module.bias)
         return F.linear(x, weight, module.bias)
-
-    def release(self) -> None:
-        """Drop the merged weight of the finished call."""
-        self._merged = None
 
 
 def attach_bank(base: nn.Module, controller: "MembraneController") -> MembraneBank:
@@ -186,11 +202,6 @@ def attach_bank(base: nn.Module, controller: "MembraneController") -> MembraneBa
         base.add_module(BANK_ATTRIBUTE, bank)
         HookRegistry.check_if_exists_or_initialize(base).register_hook(MembraneLayerHook(bank, controller), MEMBRANE_HOOK)
     return bank
-
-
-def layer_hook(base: nn.Module) -> MembraneLayerHook | None:
-    registry = getattr(base, "_diffusers_hook", None)
-    return registry.get_hook(MEMBRANE_HOOK) if registry is not None else None
 
 
 def detach_bank(base: nn.Module) -> None:

@@ -2,34 +2,54 @@
 
 `membrane_targets` finds the layers the reference adapts (every Linear/Conv2d inside each
 `Transformer2DModel`). `MembraneController` is a diffusers `ModelHook` on the UNet: it owns the
-loaded membranes' scales, the transport settings and the per-call gates, and every layer's
-`MembraneLayerHook` reads them from it. Pipelines describe a call with `pipeline_call`; plain
-`unet(...)` calls are gated from their `encoder_hidden_states` alone.
+loaded membranes' scales and the transport settings, and at each UNet forward it computes the
+rows' gates from `encoder_hidden_states` (whose texts the text encoders' hooks recorded,
+`encodings.py`), so every route into the UNet is gated alike. Every layer's `MembraneLayerHook`
+reads the gates of the running forward. Per-forward and per-call state lives in context
+variables, so concurrent calls from several threads never see each other's gates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
+import numbers
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from .layers import MembraneBank, attach_bank, detach_bank, layer_hook
+from .encodings import TextEncoderHook, TextRow, describe, observe, unobserve
+from .layers import MembraneBank, attach_bank, detach_bank
 from .membrane import Membrane, MembraneFormatError, kohya_name
 from .transport import TransportConfig, TransportRate
 
 logger = logging.getLogger(__name__)
 
 CONTROLLER_HOOK = "spm_controller"
-_call_ids = itertools.count(1)
+
+
+def check_scale(name: str, value: Any) -> float:
+    """`value` as a float if it is a real number >= 0 (Python, NumPy or any `numbers.Real`), else a clear error."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    raise ValueError(
+        f"Scale for {name!r} must be a finite number >= 0 (any real type), got {value!r} ({type(value).__name__}). "
+        "Use 0 to switch a membrane off, 1 for its trained strength."
+    )
+
+
+def lora_wrappers(unet: nn.Module) -> dict[int, nn.Module]:
+    """id(base layer) -> the PEFT layer wrapping it (an ordinary LoRA), for fusing beside it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {id(m.get_base_layer()): m for m in unet.modules() if isinstance(m, BaseTunerLayer)}
 
 
 def membrane_targets(unet: nn.Module) -> dict[str, tuple[str, nn.Module]]:
@@ -72,56 +92,34 @@ class AdapterState:
 
     membrane: Membrane  # metadata only: `modules` is emptied once the weights sit in the banks
     scale: float = 1.0
-    concept_embeds: torch.Tensor | None = None
-    concept_tokens: list[set[int]] | None = None
-    concept_ends: list[int] | None = None  # end-of-text positions, for the `eoscos` metrics
+    concept_embeds: torch.Tensor | None = None  # [C, L, D], as `encode_prompt` gives them to the UNet
+    concept_rows: list[TextRow] | None = None  # the concepts' texts per text encoder
 
 
 @dataclass
-class CallGates:
-    """The gates of one pipeline call, per prompt; expanded to UNet rows on first use.
+class CallScope:
+    """One pipeline call: merged weights (per layer) live only as long as it runs."""
 
-    Diffusers pipelines lay the UNet batch out as [negative rows, prompt rows] under CFG, each
-    prompt repeated `images_per_prompt` times; any other batch size falls back to per-row gates
-    from the embeddings.
-    """
-
-    prompt_gates: torch.Tensor | None
-    negative_gates: torch.Tensor | None
-    images_per_prompt: int
-    call_id: int = field(default_factory=lambda: next(_call_ids))
-    _rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
-
-    def rows(self, batch: int) -> torch.Tensor | None:
-        if self.prompt_gates is None:
-            return None
-        if batch not in self._rows:
-            cond = self.prompt_gates.repeat_interleave(self.images_per_prompt, dim=0)
-            if batch == cond.shape[0]:
-                self._rows[batch] = cond
-            elif batch == 2 * cond.shape[0]:
-                uncond = cond if self.negative_gates is None else self.negative_gates.repeat_interleave(
-                    self.images_per_prompt, dim=0
-                )
-                self._rows[batch] = torch.cat([uncond, cond])
-            else:
-                logger.warning(
-                    "UNet batch of %d rows does not match %d prompts x %d images (x2 with CFG); gating each row "
-                    "from its own embedding instead.", batch, self.prompt_gates.shape[0], self.images_per_prompt
-                )
-                self._rows[batch] = None
-        return self._rows[batch]
+    controller: "MembraneController"
+    merged: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
 class ForwardGates:
     """The gates of one UNet forward, as every layer hook reads them."""
 
-    gates: torch.Tensor  # [N] shared by all rows, or [B, N]
-    merge_key: tuple[int, int] | None  # set when rows share gates inside a pipeline call
+    controller: "MembraneController"
+    gates: torch.Tensor  # [N] shared by all rows, or [B, N]; empty when every gate is zero
+    merge_key: tuple | None  # set when rows share gates inside a call scope: the merged weights' key
+
+    @property
+    def off(self) -> bool:
+        return self.gates.numel() == 0
 
 
-_OFF = ForwardGates(gates=torch.zeros(0), merge_key=None)  # inside a UNet forward, every gate is zero
+# Context variables, so that each thread (or asyncio task) sees only its own call and forward.
+_CALL: ContextVar[CallScope | None] = ContextVar("spm_call", default=None)
+_FORWARD: ContextVar[ForwardGates | None] = ContextVar("spm_forward", default=None)
 
 
 class MembraneController(ModelHook):
@@ -134,8 +132,7 @@ class MembraneController(ModelHook):
         self.transport = TransportConfig()
         self.enabled = True
         self.fused: list[str] = []
-        self.call: CallGates | None = None
-        self.current: ForwardGates | None = None
+        self.encoders: list[TextEncoderHook] = []
         self.version = 0
         self._targets: dict[str, tuple[str, nn.Module]] | None = None
         self._warned: set[str] = set()
@@ -274,16 +271,11 @@ class MembraneController(ModelHook):
         self.version += 1
 
     # ------------------------------------------------------------------ settings
-    def set_scales(self, scales: Mapping[str, float]) -> None:
+    def set_scales(self, scales: Mapping[str, Any]) -> None:
         self.require(list(scales))
-        for name, value in scales.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"Scale for membrane {name!r} must be a finite number >= 0, got {value!r}. "
-                    "Use 0 to switch a membrane off, 1 for its trained strength."
-                )
-        for name, value in scales.items():
-            self.adapters[name].scale = float(value)
+        checked = {name: check_scale(name, value) for name, value in scales.items()}
+        for name, value in checked.items():
+            self.adapters[name].scale = value
         self.changed()
 
     def scales(self) -> torch.Tensor:
@@ -300,96 +292,165 @@ class MembraneController(ModelHook):
         gates = torch.tensor(
             [self.adapters[n].scale * scale if n in names else 0.0 for n in self.names], dtype=torch.float32
         )
+        wrappers = lora_wrappers(self.unet)
         fused_banks: list[tuple[nn.Module, MembraneBank]] = []
         try:
             for base, bank in self.banks():
-                bank.fuse(base, gates)
+                bank.fuse(base, gates, wrappers.get(id(base)))
                 fused_banks.append((base, bank))
         except BaseException:
             for base, bank in fused_banks:
-                bank.unfuse(base)
+                bank.unfuse(base, wrappers.get(id(base)))
             raise
         self.fused = list(names)
         self.changed()
 
     def unfuse(self) -> None:
+        wrappers = lora_wrappers(self.unet)
         for base, bank in self.banks():
-            bank.unfuse(base)
+            bank.unfuse(base, wrappers.get(id(base)))
         self.fused = []
         self._drop_empty_banks()
         self.changed()
 
-    # ------------------------------------------------------------------ per-call gating
-    @contextlib.contextmanager
-    def pipeline_call(self, call: CallGates) -> Iterator[None]:
-        """Scope of one pipeline call: its gates, and merged weights that live only inside it."""
-        previous, self.call = self.call, call
-        try:
-            yield
-        finally:
-            self.call = previous
-            self.current = None
-            for base, _ in self.banks():
-                hook = layer_hook(base)
-                if hook is not None:
-                    hook.release()
+    # ------------------------------------------------------------------ text encoders
+    def observe_text_encoders(self, encoders: Sequence[tuple[nn.Module, Sequence[int], int]]) -> None:
+        """Record every encoding of these text encoders ((encoder, special token ids, end-of-text id)
+        each), so that UNet rows can be traced back to their texts. Idempotent."""
+        for encoder, special_ids, end_id in encoders:
+            hook = observe(encoder, special_ids, end_id, id(self))
+            if hook not in self.encoders:
+                self.encoders.append(hook)
 
-    def active(self) -> bool:
-        return self.enabled and bool(self.adapters) and len(self.fused) < len(self.adapters)
+    def set_concepts(self, name: str, embeds: torch.Tensor) -> None:
+        """Store membrane `name`'s concept embeddings (as the UNet would get them from the pipeline)."""
+        rows = describe(embeds, self.encoders)
+        if any(row is None for row in rows):
+            raise RuntimeError(
+                f"The concepts of membrane {name!r} were not encoded by an observed text encoder; encode them "
+                "with the pipeline's own `encode_prompt` after `observe_text_encoders`."
+            )
+        state = self.adapters[name]
+        state.concept_embeds, state.concept_rows = embeds.detach(), rows
 
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """Resolve this forward's gates once, for all layers; drop them when it ends, however it ends."""
-        self.current = self._forward_gates(*args, **kwargs) if self.active() else _OFF
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.current = None
+    # ------------------------------------------------------------------ transport
+    def rates(self, text: torch.Tensor) -> tuple[torch.Tensor, list[TextRow | None]] | None:
+        """[B, N] raw transport rates of each row of `encoder_hidden_states`, and the rows' texts;
+        None without concept embeddings.
 
-    def _forward_gates(self, *args: Any, **kwargs: Any) -> ForwardGates:
-        sample = kwargs.get("sample", args[0] if args else None)
-        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        batch = sample.shape[0]
-        gates = self.call.rows(batch) if self.call is not None else None
-        if gates is None:
-            gates = self.embedding_gates(text) if self.transport.enabled else None
-        if gates is None:
-            gates = self.scales()
-        if gates.dim() == 2 and bool((gates == gates[:1]).all()):
-            gates = gates[0]
-        if not bool(gates.any()):
-            return _OFF
-        merge_key = (self.call.call_id, self.version) if self.call is not None and gates.dim() == 1 else None
-        return ForwardGates(gates=gates.to(sample.device), merge_key=merge_key)
-
-    def embedding_gates(self, text: torch.Tensor | None) -> torch.Tensor | None:
-        """Per-row gates from the rows' text embeddings only (plain UNet calls, or `prompt_embeds`)."""
+        The one place rates are computed: `get_spm_transport_rates` and every UNet forward use it.
+        Rows no observed text encoder produced are rated by the flattened cosine alone (warned once)."""
         states = list(self.adapters.values())
-        if text is None or any(s.concept_embeds is None for s in states):
+        unnamed = [name for name, s in self.adapters.items() if not s.membrane.concepts]
+        if unnamed:
+            raise ValueError(
+                f"Membrane {unnamed[0]!r} names no concepts in its metadata, so Facilitated Transport cannot rate "
+                "prompts against it. Use `pipe.set_spm_transport(False)`, or re-save it with its concepts."
+            )
+        if any(s.concept_embeds is None for s in states):
             self._warn_once(
-                "no-embeds",
-                "Facilitated Transport needs the membranes' concept embeddings, which a pipeline computes; "
-                "this UNet call uses fixed gates (the scales). Call it through the pipeline, or "
-                "`pipe.set_spm_transport(False)` to silence this.",
+                "no-concepts",
+                "Facilitated Transport needs the membranes' concept embeddings, which an SPM pipeline computes "
+                "when it loads them; this UNet call uses fixed gates (the scales). Load membranes with "
+                "`pipe.load_spm(...)`, or `pipe.set_spm_transport(False)` to silence this.",
             )
             return None
         concept_embeds = torch.cat([s.concept_embeds for s in states]).to(text.device)
         if concept_embeds.shape[1:] != text.shape[1:]:
             self._warn_once("shape", "Text embeddings of this call do not match the concepts' shape; using fixed gates.")
             return None
+        rows = describe(text, self.encoders)
+        if any(row is None for row in rows):
+            self._warn_once(
+                "unknown-text",
+                "Some text embeddings reaching the UNet were not produced by the pipeline's text encoders, so their "
+                "tokens are unknown; those rows are rated by the embedding cosine alone. Encode prompts with "
+                "`pipe.encode_prompt(...)` for the full transport metric.",
+            )
         rate = TransportRate(self.transport.metric)
-        scores = rate.concept_scores(text, None, concept_embeds, [])
-        rates = rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
+        concept_rows = [r for s in states for r in s.concept_rows]
+        scores = rate.concept_scores(text, rows, concept_embeds, concept_rows)
+        return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
+
+    def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] or [N] gates of one UNet forward.
+
+        With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative rows, prompt rows], the
+        latents repeated) gives each negative row the gate of its prompt row. It is recognised by
+        identical latents in both halves and negative texts encoded after their prompts (or all-zero)."""
+        rated = self.rates(text) if self.transport.enabled and text is not None else None
+        if rated is None:
+            return self.scales()
+        rates, rows = rated
+        half = sample.shape[0] // 2
+        if (
+            self.transport.cfg_rows == "paired"
+            and half
+            and sample.shape[0] == 2 * half
+            and all(_is_negative_of(rows[i], rows[i + half]) for i in range(half))
+            and torch.equal(sample[:half], sample[half:])
+        ):
+            rates = torch.cat([rates[half:], rates[half:]])
         return self.transport.gates(rates, self.scales())
 
-    def gates_for(self, bank: MembraneBank, x: torch.Tensor) -> ForwardGates | None:
+    # ------------------------------------------------------------------ per-call gating
+    @contextlib.contextmanager
+    def call_scope(self) -> Iterator[None]:
+        """Scope of one pipeline call: merged weights are cached in it and dropped when it ends."""
+        token = _CALL.set(CallScope(self))
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+
+    @property
+    def call(self) -> CallScope | None:
+        """This context's running call scope on this UNet, if any."""
+        scope = _CALL.get()
+        return scope if scope is not None and scope.controller is self else None
+
+    @property
+    def current(self) -> ForwardGates | None:
+        """This context's running UNet forward's gates, if any."""
+        forward = _FORWARD.get()
+        return forward if forward is not None and forward.controller is self else None
+
+    def active(self) -> bool:
+        return self.enabled and bool(self.adapters) and len(self.fused) < len(self.adapters)
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Resolve this forward's gates once, for all layers; drop them when it ends, however it ends."""
+        gates = self._forward_gates(*args, **kwargs) if self.active() else self._off
+        token = _FORWARD.set(gates)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            _FORWARD.reset(token)
+
+    @property
+    def _off(self) -> ForwardGates:
+        return ForwardGates(self, torch.zeros(0), None)
+
+    def _forward_gates(self, *args: Any, **kwargs: Any) -> ForwardGates:
+        sample = kwargs.get("sample", args[0] if args else None)
+        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        gates = self.row_gates(sample, text)
+        if gates.dim() == 2 and bool((gates == gates[:1]).all()):
+            gates = gates[0]
+        if not bool(gates.any()):
+            return self._off
+        merge_key = (self.version, tuple(gates.tolist())) if self.call is not None and gates.dim() == 1 else None
+        return ForwardGates(self, gates.to(sample.device), merge_key)
+
+    def gates_for(self, x: torch.Tensor) -> ForwardGates | None:
         """The gates a layer applies now; a layer called outside a UNet forward applies the scales."""
         current = self.current
         if current is None:
             if not self.active():
                 return None
             scales = self.scales()
-            return ForwardGates(scales.to(x.device), None) if bool(scales.any()) else None
-        if current is _OFF:
+            return ForwardGates(self, scales.to(x.device), None) if bool(scales.any()) else None
+        if current.off:
             return None
         if current.gates.dim() == 2 and x.shape[0] != current.gates.shape[0]:
             raise RuntimeError(
@@ -406,13 +467,24 @@ class MembraneController(ModelHook):
 
     # ------------------------------------------------------------------ teardown
     def detach(self) -> None:
-        """Remove every bank and this hook; the UNet is as it was before the first `add`."""
+        """Remove every bank and hook (text encoders' included); the models are as before the first `add`."""
         self.unfuse()
         for base, _ in list(self.banks()):
             detach_bank(base)
+        for hook in self.encoders:
+            unobserve(hook, id(self))
+        self.encoders = []
         registry = self.unet._diffusers_hook
         registry.remove_hook(CONTROLLER_HOOK, recurse=False)
         restored = self.unet.__dict__.get("forward")
         if not registry.hooks and getattr(restored, "__func__", None) is type(self.unet).forward:
             del self.unet._diffusers_hook
             del self.unet.forward
+
+
+def _is_negative_of(negative: TextRow | None, prompt: TextRow | None) -> bool:
+    """Whether `negative` can be the CFG row of `prompt`: all-zero, or encoded after it (as
+    `encode_prompt` encodes negatives after prompts); rows of unknown text follow the layout alone."""
+    if negative is None or prompt is None or not negative.parts or not prompt.parts:
+        return True
+    return negative.last_encoded > prompt.first_encoded

@@ -1,16 +1,16 @@
 """`SPMPipelineMixin`: `load_spm`, `set_spm_scale`, `unload_spm`, ... on diffusers pipelines.
 
-The mixin only describes each pipeline call to the UNet's `MembraneController` (the prompts'
-transport gates); the model code stays the model's. It works on any pipeline with a
-`UNet2DConditionModel`, a CLIP text encoder, a tokenizer and an `encode_prompt` method.
+The mixin loads membranes into the UNet's `MembraneController`, puts recording hooks on the text
+encoders (so the controller can trace each UNet text row to its tokens) and opens a call scope
+per pipeline call (merged weights live in it); the gates themselves are computed on the UNet side,
+so every route into the UNet gets the same ones. It works on any pipeline with a
+`UNet2DConditionModel`, CLIP text encoders with their tokenizers and an `encode_prompt` method.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,8 +28,8 @@ from diffusers import (
 
 from .hub import resolve_membrane
 from .membrane import Membrane
-from .model import CallGates, MembraneController
-from .transport import TransportConfig, TransportRate, at_end_of_text
+from .model import MembraneController, check_scale
+from .transport import TransportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,15 @@ class SPMPipelineMixin:
                 f"`pipe.unload_spm({name!r})` first."
             )
         membrane = Membrane.from_file(path)
-        _check_scale(name, scale)
+        check_scale(name, scale)
         controller = MembraneController.of(self.unet, create=True)
         try:
             controller.add(name, membrane, dtype=self.unet.dtype, scale=scale)
+            self._spm_prepare_concepts(controller, name)
+        except BaseException:
+            if name in controller.adapters:
+                controller.remove(name)
+            raise
         finally:
             if not controller.adapters:
                 controller.detach()
@@ -116,10 +121,16 @@ class SPMPipelineMixin:
         controller.changed()
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
-        """Raw transport rates in [0, 1], per membrane and prompt (before scale and power)."""
+        """Raw transport rates in [0, 1], per membrane and prompt (before scale and power), as the
+        UNet rates these prompts' rows in a call."""
         controller = self._spm_controller()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        rates = self._spm_rates(controller, prompts)
+        if not prompts:
+            return {name: [] for name in controller.names}
+        rated = controller.rates(self._spm_encode(prompts))
+        if rated is None:
+            raise ValueError("The membranes' concepts are not encoded; load them with `pipe.load_spm(...)`.")
+        rates = rated[0]
         return {name: rates[:, i].tolist() for i, name in enumerate(controller.names)}
 
     def get_active_spms(self) -> list[str]:
@@ -145,7 +156,7 @@ class SPMPipelineMixin:
         one copy of the adapted layers' weights while fused.
         """
         controller = self._spm_controller()
-        _check_scale("fuse_spm", scale)
+        check_scale("fuse_spm", scale)
         controller.fuse(list(adapter_names) if adapter_names is not None else controller.names, scale)
 
     def unfuse_spm(self) -> None:
@@ -154,12 +165,11 @@ class SPMPipelineMixin:
             controller.unfuse()
 
     def to_json_string(self) -> str:
-        """Write the diffusers class this pipeline extends into `model_index.json`, so the saved
-        folder reloads with plain `DiffusionPipeline.from_pretrained` (and with ours)."""
+        """Write the diffusers class this pipeline extends (every SPM class carries its `__name__`) into
+        `model_index.json`, so the saved folder reloads with plain `DiffusionPipeline.from_pretrained`
+        (and with ours)."""
         config = json.loads(super().to_json_string())
-        config["_class_name"] = next(
-            c for c in type(self).__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, SPMPipelineMixin)
-        ).__name__
+        config["_class_name"] = type(self).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     # ------------------------------------------------------------------ calls
@@ -167,79 +177,44 @@ class SPMPipelineMixin:
         controller = MembraneController.of(self.unet)
         if controller is None or not controller.active():
             return super().__call__(*args, **kwargs)
-        with controller.pipeline_call(self._spm_call_gates(controller, args, kwargs)):
+        with controller.call_scope():
             return super().__call__(*args, **kwargs)
 
-    def _spm_call_gates(self, controller: MembraneController, args: tuple, kwargs: dict) -> CallGates:
-        """Per-prompt gates of this call; rows are laid out by the controller on the first UNet step."""
-        arguments = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
-        images_per_prompt = arguments.get("num_images_per_prompt") or 1
-        prompt = arguments.get("prompt")
-        transport = controller.transport
-        if not transport.enabled or prompt is None:
-            return CallGates(None, None, images_per_prompt)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        scales = controller.scales()
-        gates = transport.gates(self._spm_rates(controller, prompts), scales)
-        negative_gates = None
-        if transport.cfg_rows == "own" and arguments.get("negative_prompt_embeds") is None:
-            negative = arguments.get("negative_prompt") or ""
-            negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-            negative_gates = transport.gates(self._spm_rates(controller, negatives), scales)
-        return CallGates(gates, negative_gates, images_per_prompt)
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
+        """The pipeline's own `encode_prompt`, with its text encoders observed (see `encodings.py`)."""
+        controller = MembraneController.of(self.unet)
+        if controller is not None:
+            self._spm_observe(controller)
+        return super().encode_prompt(*args, **kwargs)
 
     # ------------------------------------------------------------------ transport
-    def _spm_rates(self, controller: MembraneController, prompts: list[str]) -> torch.Tensor:
-        """[P, N] raw rates with the controller's metric."""
-        self._spm_prepare_concepts(controller)
-        states = list(controller.adapters.values())
-        prompt_embeds, prompt_tokens, prompt_ends = self._spm_encode(prompts)
-        concept_embeds = torch.cat([s.concept_embeds for s in states])
-        concept_tokens = [t for s in states for t in s.concept_tokens]
-        rate = TransportRate(controller.transport.metric)
-        if rate.pools_end_of_text:
-            prompt_embeds = at_end_of_text(prompt_embeds, prompt_ends)
-            concept_embeds = at_end_of_text(concept_embeds, [e for s in states for e in s.concept_ends])
-        token_embeddings = self.text_encoder.get_input_embeddings().weight if rate.metric == "tokensim" else None
-        scores = rate.concept_scores(prompt_embeds, prompt_tokens, concept_embeds, concept_tokens, token_embeddings)
-        return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
+    def _spm_observe(self, controller: MembraneController) -> None:
+        """Hook every text encoder of this pipeline (`text_encoder`, `text_encoder_2`, ...) with its tokenizer."""
+        encoders = []
+        for name, encoder in self.components.items():
+            tokenizer = self.components.get(name.replace("text_encoder", "tokenizer"))
+            if name.startswith("text_encoder") and encoder is not None and tokenizer is not None:
+                encoders.append((encoder, tokenizer.all_special_ids, tokenizer.eos_token_id))
+        controller.observe_text_encoders(encoders)
 
-    def _spm_prepare_concepts(self, controller: MembraneController) -> None:
-        """Encode each membrane's concepts once, with this pipeline's own text encoder."""
-        for name, state in controller.adapters.items():
-            if state.concept_embeds is None:
-                if not state.membrane.concepts:
-                    raise ValueError(
-                        f"Membrane {name!r} names no concepts in its metadata, so Facilitated Transport cannot rate "
-                        "prompts against it. Use `pipe.set_spm_transport(False)`, or re-save it with its concepts."
-                    )
-                state.concept_embeds, state.concept_tokens, state.concept_ends = self._spm_encode(
-                    state.membrane.concepts
-                )
+    def _spm_prepare_concepts(self, controller: MembraneController, name: str) -> None:
+        """Encode membrane `name`'s concepts with this pipeline's own `encode_prompt`, as prompts are."""
+        concepts = controller.adapters[name].membrane.concepts
+        if concepts:
+            controller.set_concepts(name, self._spm_encode(concepts))
 
     @torch.no_grad()
-    def _spm_encode(self, texts: list[str]) -> tuple[torch.Tensor, list[set[int]], list[int]]:
-        """Text embeddings as the UNet sees them (`encode_prompt`), token sets without specials, and
-        each text's end-of-text position."""
-        embeds = self.encode_prompt(
+    def _spm_encode(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings as the UNet gets them (`encode_prompt`, no CFG, one image per text)."""
+        return self.encode_prompt(
             prompt=texts, device=self._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )[0]
-        ids = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-        ).input_ids
-        special, end = set(self.tokenizer.all_special_ids), self.tokenizer.eos_token_id
-        return embeds, [set(row) - special for row in ids], [row.index(end) for row in ids]
 
     def _spm_controller(self) -> MembraneController:
         controller = MembraneController.of(self.unet)
         if controller is None or not controller.adapters:
             raise ValueError("No membranes are loaded; load one first with `pipe.load_spm(...)`.")
         return controller
-
-
-def _check_scale(name: str, scale: float) -> None:
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
-        raise ValueError(f"Scale for {name!r} must be a finite number >= 0, got {scale!r}.")
 
 
 class StableDiffusionSPMPipeline(SPMPipelineMixin, StableDiffusionPipeline):
@@ -261,6 +236,19 @@ class StableDiffusionXLSPMPipeline(SPMPipelineMixin, StableDiffusionXLPipeline):
 class StableDiffusionXLImg2ImgSPMPipeline(SPMPipelineMixin, StableDiffusionXLImg2ImgPipeline):
     """SDXL image-to-image with membranes."""
 
+
+READY_CLASSES = (
+    StableDiffusionSPMPipeline,
+    StableDiffusionImg2ImgSPMPipeline,
+    StableDiffusionInpaintSPMPipeline,
+    StableDiffusionXLSPMPipeline,
+    StableDiffusionXLImg2ImgSPMPipeline,
+)
+# AutoPipeline and `from_pipe` find a pipeline's siblings (text-to-image, image-to-image, ...) by its
+# class `__name__`: answer with the diffusers class each extends, as `add_spm_support` classes do.
+# `__qualname__` (the class's repr) keeps the SPM name.
+for _ready in READY_CLASSES:
+    _ready.__name__ = _ready.__mro__[2].__name__
 
 _SPM_CLASSES: dict[type, type] = {}
 

@@ -11,23 +11,29 @@ reproduces the reference's effective strength for one membrane (it scales both `
 
 `eoscos` (ours) is the cosine of the text encoder's output at each text's end-of-text token, the
 position CLIP pools: it ignores the padding that makes the flattened cosine high for every
-prompt. Without tokens (a plain UNet call) the end-of-text position is unknown, so the flattened
-cosine is used.
+prompt. For embeddings no observed text encoder produced, the tokens and end-of-text position are
+unknown, so every metric falls back to the flattened cosine (`encodings.describe`).
 
 `tokensim` (ours) is a soft `tokenuni`: for each token of the concept, the best cosine between
 its input embedding and those of the prompt's tokens, averaged over the concept's tokens. A token
 that is present scores 1, as in `tokenuni`, so `tokensim >= tokenuni`; a synonym scores as close
 as the text encoder's word embeddings place it ("crimson" for "red"). It needs the text
-encoder's token-embedding table; without tokens (a plain UNet call) the flattened cosine is used.
+encoder's token-embedding table.
+
+With several text encoders (SDXL), token terms compare each encoder's text with the concept as
+that encoder saw it and take the best, so a concept named only in `prompt_2` counts.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from .encodings import TextRow
 
 Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim"]
 METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim")
@@ -69,10 +75,17 @@ def clipcos(prompt_embeds: torch.Tensor, concept_embeds: torch.Tensor) -> torch.
     return prompts @ concepts.T
 
 
-def at_end_of_text(embeds: torch.Tensor, end_positions: Sequence[int]) -> torch.Tensor:
-    """[P, L, D] -> [P, 1, D]: each text's output at its end-of-text token."""
-    index = torch.as_tensor(list(end_positions), device=embeds.device)
-    return embeds[torch.arange(embeds.shape[0], device=embeds.device), index].unsqueeze(1)
+def at_end_of_text(embeds: torch.Tensor, rows: Sequence[TextRow]) -> torch.Tensor:
+    """[P, L, D] -> [P, 1, D]: each text's output at its end-of-text token, per text encoder's part
+    of the features (an all-zero row, which has no text, at position 0)."""
+    pooled = []
+    for i, row in enumerate(rows):
+        offset, pieces = 0, []
+        for part in row.parts:
+            pieces.append(embeds[i, part.end, offset:offset + part.width])
+            offset += part.width
+        pooled.append(torch.cat(pieces) if pieces else embeds[i, 0])
+    return torch.stack(pooled).unsqueeze(1)
 
 
 def tokenuni(prompt_tokens: Sequence[set[int]], concept_tokens: Sequence[set[int]]) -> torch.Tensor:
@@ -113,30 +126,49 @@ class TransportRate:
         if metric not in METRICS:
             raise ValueError(f"Unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}.")
         self.metric = metric
-        self.pools_end_of_text = metric.startswith("eoscos")
 
     def concept_scores(
         self,
-        prompt_embeds: torch.Tensor | None,
-        prompt_tokens: Sequence[set[int]] | None,
+        prompt_embeds: torch.Tensor,
+        prompt_rows: Sequence[TextRow | None],
         concept_embeds: torch.Tensor,
-        concept_tokens: Sequence[set[int]],
-        token_embeddings: torch.Tensor | None = None,
+        concept_rows: Sequence[TextRow],
     ) -> torch.Tensor:
-        """[P, C]. Without prompt tokens (a plain UNet call) only the embedding term can be used.
+        """[P, C]. A prompt row whose text is unknown (None: no observed text encoder produced it)
+        is scored by the flattened cosine alone, whatever the metric."""
+        scores = clipcos(prompt_embeds, concept_embeds).cpu()
+        known = [i for i, row in enumerate(prompt_rows) if row is not None]
+        if known:
+            rows = [prompt_rows[i] for i in known]
+            scores[known] = self._text_scores(prompt_embeds[known], rows, concept_embeds, concept_rows)
+        return scores
 
-        For `eoscos` metrics the caller passes the end-of-text outputs (`at_end_of_text`); for
-        `tokensim`, the text encoder's input embedding table."""
+    def _text_scores(self, prompt_embeds: torch.Tensor, prompt_rows: Sequence[TextRow], concept_embeds: torch.Tensor,
+                     concept_rows: Sequence[TextRow]) -> torch.Tensor:
         scores = []
-        if "cos" in self.metric or prompt_tokens is None:
+        if "cos" in self.metric:
+            if self.metric.startswith("eoscos"):
+                prompt_embeds = at_end_of_text(prompt_embeds, prompt_rows)
+                concept_embeds = at_end_of_text(concept_embeds, concept_rows)
             scores.append(clipcos(prompt_embeds, concept_embeds).cpu())
-        elif self.metric == "tokensim":
-            if token_embeddings is None:
-                raise ValueError("The `tokensim` transport metric needs the text encoder's token embeddings.")
-            scores.append(tokensim(prompt_tokens, concept_tokens, token_embeddings))
-        if "tokenuni" in self.metric and prompt_tokens is not None:
-            scores.append(tokenuni(prompt_tokens, concept_tokens))
+        if "tokenuni" in self.metric or self.metric == "tokensim":
+            scores.append(self._token_scores(prompt_rows, concept_rows))
         return torch.stack(scores).amax(0)
+
+    def _token_scores(self, prompt_rows: Sequence[TextRow], concept_rows: Sequence[TextRow]) -> torch.Tensor:
+        """Token overlap per text encoder (SDXL: `prompt` and `prompt_2`), the best encoder's."""
+        prompt_tokens = [row.tokens() for row in prompt_rows]
+        concept_tokens = [row.tokens() for row in concept_rows]
+        scores = torch.zeros(len(prompt_rows), len(concept_rows))
+        for encoder in {e for tokens in concept_tokens for e in tokens}:
+            prompts = [t.get(encoder, frozenset()) for t in prompt_tokens]
+            concepts = [t.get(encoder, frozenset()) for t in concept_tokens]
+            if self.metric == "tokensim":
+                overlap = tokensim(prompts, concepts, encoder.token_table())
+            else:
+                overlap = tokenuni(prompts, concepts)
+            scores = torch.maximum(scores, overlap)
+        return scores
 
     def membrane_rates(self, concept_scores: torch.Tensor, concepts_per_membrane: Sequence[int]) -> torch.Tensor:
         """[P, C] -> [P, N]: each membrane takes the max over its own concepts, clamped to [0, 1]."""

@@ -32,7 +32,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from tqdm.auto import tqdm
 
 from ..membrane import Membrane, MembraneModule
-from ..model import CallGates, MembraneController, architecture_of
+from ..model import MembraneController, architecture_of
 from ..transport import TransportConfig
 from .anchors import sample_anchor_embeddings
 from .conditioning import TEMPLATES, Conditioning, PromptEncoder, sdxl_time_ids
@@ -225,7 +225,7 @@ class MembraneTrainer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, plan in enumerate(plans):
             groups.setdefault(tuple(plan.latents.shape[1:]), []).append(index)
-        with self.membrane(True), self.controller.pipeline_call(CallGates(None, None, 1)):
+        with self.membrane(True), self.controller.call_scope():
             for members in groups.values():
                 for index, latents in zip(members, self._denoise_together([plans[i] for i in members])):
                     results[index] = latents

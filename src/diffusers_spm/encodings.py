@@ -1,0 +1,201 @@
+"""Which text produced each row of the UNet's `encoder_hidden_states`, whatever route it took.
+
+A `TextEncoderHook` (a diffusers `ModelHook` on each text encoder) records, for every encoding,
+the token ids of each text and a digest of each output row. Pipelines hand the UNet those rows
+unchanged (repeated for `num_images_per_prompt`, stacked under CFG, and for SDXL two encoders'
+outputs concatenated along the feature axis), so `describe` can tell, row by row and bit for
+bit, which texts a row came from: through `pipe(...)`, `prompt_embeds`, `AutoPipeline` or a
+hand-written loop alike. The digest is taken at the last sequence position, which a causal text
+encoder computes from every token of the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+TEXT_ENCODER_HOOK = "spm_text_encoder"
+_encodings = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """One text as one text encoder saw it."""
+
+    encoder: "TextEncoderHook"
+    width: int
+    tokens: frozenset[int]  # token ids without the tokenizer's special tokens
+    end: int  # end-of-text position
+    first_encoded: int  # sequence numbers of the first and last encoder calls that produced it
+    last_encoded: int
+
+
+@dataclass(frozen=True)
+class TextRow:
+    """The texts one row of `encoder_hidden_states` came from, one per encoder in feature order.
+
+    No parts: an all-zero row (SDXL's unconditional row without a negative prompt)."""
+
+    parts: tuple[EncodedText, ...]
+
+    @property
+    def first_encoded(self) -> int:
+        return min(p.first_encoded for p in self.parts)
+
+    @property
+    def last_encoded(self) -> int:
+        return max(p.last_encoded for p in self.parts)
+
+    def tokens(self) -> dict["TextEncoderHook", frozenset[int]]:
+        return {p.encoder: p.tokens for p in self.parts}
+
+
+def _digest(row: torch.Tensor) -> bytes:
+    """Digest of a 1-D CPU tensor's bytes (any dtype)."""
+    return hashlib.blake2b(row.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+
+def _candidate_outputs(output: Any) -> list[torch.Tensor]:
+    """Every [B, L, D] tensor a pipeline may take from an encoder's output (last or a hidden layer)."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.dim() == 3 else []
+    values = output.values() if hasattr(output, "values") else output
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor) and v.dim() == 3)
+    return found
+
+
+class TextEncoderHook(ModelHook):
+    """Records what one text encoder produced, so the UNet's controller can rate every row it gets.
+
+    Keeps the last `capacity` distinct output rows (digests and token sets only, no tensors)."""
+
+    def __init__(self, special_ids: Iterable[int], end_id: int, capacity: int = 4096) -> None:
+        super().__init__()
+        self.special_ids = frozenset(special_ids)
+        self.end_id = end_id
+        self.capacity = capacity
+        self.module: nn.Module | None = None
+        self.users: set[int] = set()  # ids of the controllers observing this encoder
+        self._rows: OrderedDict[bytes, EncodedText] = OrderedDict()
+        self._widths: set[int] = set()
+        self._lock = threading.Lock()
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self.module = module
+        return module
+
+    def token_table(self) -> torch.Tensor:
+        """The encoder's input word embeddings (the `tokensim` metric)."""
+        return self.module.get_input_embeddings().weight
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.record(ids, _candidate_outputs(output))
+        return output
+
+    @torch.no_grad()
+    def record(self, ids: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
+        outputs = [o for o in outputs if o.shape[:2] == ids.shape]
+        if not outputs:
+            return
+        encoding = next(_encodings)
+        texts = []
+        for row in ids.tolist():
+            end = row.index(self.end_id) if self.end_id in row else len(row) - 1
+            texts.append((frozenset(row) - self.special_ids, end))
+        last = torch.stack([o[:, -1, :].detach() for o in outputs]).cpu()  # one copy: [outputs, B, D]
+        with self._lock:
+            self._widths.add(last.shape[-1])
+            for per_output in last:
+                for row, (tokens, end) in zip(per_output, texts):
+                    key = _digest(row)
+                    previous = self._rows.pop(key, None)
+                    first = previous.first_encoded if previous is not None else encoding
+                    self._rows[key] = EncodedText(self, row.shape[0], tokens, end, first, encoding)
+            while len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
+
+    def widths(self) -> set[int]:
+        """Feature widths of the outputs recorded so far."""
+        return set(self._widths)
+
+    def lookup(self, key: bytes) -> EncodedText | None:
+        with self._lock:
+            return self._rows.get(key)
+
+
+def observe(encoder: nn.Module, special_ids: Iterable[int], end_id: int, user: int) -> TextEncoderHook:
+    """Put a recording hook on `encoder` (idempotent) and count `user` among its observers."""
+    registry = HookRegistry.check_if_exists_or_initialize(encoder)
+    hook = registry.get_hook(TEXT_ENCODER_HOOK)
+    if hook is None:
+        hook = TextEncoderHook(special_ids, end_id)
+        registry.register_hook(hook, TEXT_ENCODER_HOOK)
+    hook.users.add(user)
+    return hook
+
+
+def unobserve(hook: TextEncoderHook, user: int) -> None:
+    """Drop `user`; the last one out removes the hook, leaving the encoder as it was."""
+    hook.users.discard(user)
+    encoder = hook.module
+    if hook.users or encoder is None:
+        return
+    registry = encoder._diffusers_hook
+    registry.remove_hook(TEXT_ENCODER_HOOK, recurse=False)
+    restored = encoder.__dict__.get("forward")
+    if not registry.hooks and getattr(restored, "__func__", None) is type(encoder).forward:
+        del encoder._diffusers_hook
+        del encoder.forward
+
+
+def describe(text: torch.Tensor, encoders: Sequence[TextEncoderHook]) -> list[TextRow | None]:
+    """For each row of `text` [B, L, D], the texts it came from; None where no observed encoder
+    produced it (embeddings made some other way)."""
+    last = text[:, -1, :].detach().cpu()
+    zero = (text.detach() == 0).flatten(1).all(1).tolist()
+    widths = sorted({w for e in encoders for w in e.widths()}, reverse=True)
+    rows: list[TextRow | None] = []
+    for i, row in enumerate(last):
+        if zero[i]:
+            rows.append(TextRow(()))
+            continue
+        parts: list[EncodedText] = []
+        offset = 0
+        while offset < row.shape[0]:
+            part = _find_part(row, offset, widths, encoders)
+            if part is None:
+                break
+            parts.append(part)
+            offset += part.width
+        rows.append(TextRow(tuple(parts)) if parts and offset == row.shape[0] else None)
+    return rows
+
+
+def _find_part(row: torch.Tensor, offset: int, widths: Sequence[int], encoders: Sequence[TextEncoderHook]
+               ) -> EncodedText | None:
+    """The encoded text whose output fills `row` from `offset` on, for some encoder width."""
+    for width in widths:
+        if offset + width > row.shape[0]:
+            continue
+        key = _digest(row[offset:offset + width])
+        for encoder in encoders:
+            found = encoder.lookup(key)
+            if found is not None:
+                return found
+    return None

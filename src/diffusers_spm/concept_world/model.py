@@ -18,8 +18,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TOKENIZER_DIR = ASSETS / "clip_tokenizer"
-WEIGHTS_DIR = ASSETS / "concept_world"
+WEIGHTS_DIR = ASSETS / "concept_world"  # a standard diffusers folder: DiffusionPipeline.from_pretrained loads it
+TOKENIZER_DIR = WEIGHTS_DIR / "tokenizer"
 JUDGE_DIR = WEIGHTS_DIR / "judge"
 
 IMAGE_SIZE = 32
@@ -106,18 +106,27 @@ def assemble_pipeline(
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
     scheduler: DDIMScheduler | None = None,
+    tokenizer: CLIPTokenizer | None = None,
 ) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` from components (no safety checker: there is nothing to check)."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=make_tokenizer(),
+        tokenizer=tokenizer or make_tokenizer(),
         unet=unet,
         scheduler=scheduler or make_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def write_pipeline_index(pipe: StableDiffusionPipeline, directory: str | Path) -> None:
+    """Write ``model_index.json`` and ``tokenizer/`` beside the saved components, which is what makes
+    `directory` a diffusers folder (`DiffusionPipeline.from_pretrained`, `--base FOLDER`)."""
+    directory = Path(directory)
+    pipe.tokenizer.save_pretrained(directory / "tokenizer")
+    pipe.save_config(directory)
 
 
 def weights_available(directory: str | Path = WEIGHTS_DIR) -> bool:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "diffusers_spm.training.cli",
     "diffusers_spm.evaluation.cli",
     "diffusers_spm.concept_world.demo",
+    "diffusers_spm.app.cli",
 )
 # What bad input raises (a path, a model, a membrane, a config, the network, a missing extra); anything
 # else is a bug and keeps its traceback.

@@ -23,8 +23,9 @@ class BaseModelError(ValueError):
     """A `--base` that names no loadable diffusers pipeline."""
 
 
-def resolve_base(base: str | os.PathLike) -> str:
-    """The folder or Hub id that `base` names; a local path must be a diffusers pipeline folder."""
+def resolve_base(base: str | os.PathLike, needs: str = "model_index.json") -> str:
+    """The folder or Hub id that `base` names; a local folder must hold `needs` (a pipeline's index, or
+    `unet/config.json` where only the UNet layout is read)."""
     text = str(base)
     if text == CONCEPT_WORLD:
         from .concept_world.model import WEIGHTS_DIR
@@ -35,8 +36,8 @@ def resolve_base(base: str | os.PathLike) -> str:
         raise BaseModelError(f"{text} is a file; a base model is a diffusers folder (with model_index.json), "
                              f"a Hub id, or `{CONCEPT_WORLD}`.")
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise BaseModelError(f"{text} is a folder but not a diffusers pipeline (no model_index.json); pass a "
+        if not (path / needs).is_file():
+            raise BaseModelError(f"{text} is a folder but not a diffusers pipeline (no {needs}); pass a "
                                  f"folder written by `save_pretrained`, a Hub id, or `{CONCEPT_WORLD}`.")
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
@@ -55,7 +56,7 @@ def from_pretrained(base: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline
 
 def unet_config(base: str | os.PathLike) -> dict:
     """The UNet config of `base`, without loading weights."""
-    source = resolve_base(base)
+    source = resolve_base(base, needs="unet/config.json")
     try:
         return UNet2DConditionModel.load_config(source, subfolder="unet")
     except (OSError, HFValidationError) as exc:

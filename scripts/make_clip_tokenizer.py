@@ -2,7 +2,7 @@
 `clip-anytorch` / `open_clip_torch` wheels ship, without installing either package.
 
     pip download --no-deps clip-anytorch -d /tmp/clip
-    python scripts/make_clip_tokenizer.py /tmp/clip/clip_anytorch-*.whl src/diffusers_spm/assets/clip_tokenizer
+    python scripts/make_clip_tokenizer.py /tmp/clip/clip_anytorch-*.whl src/diffusers_spm/assets/concept_world/tokenizer
 
 The vocabulary is built exactly as CLIP's own `SimpleTokenizer` builds it: the 256 byte-unicode
 characters, the same with `</w>`, the merges (lines 1 to 48894) joined, then the two special

@@ -317,12 +317,14 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
     timings["decoder"] = time.time() - t0
 
     out = args.output
+    tokenizer = cw_model.make_tokenizer()  # read before `out` (possibly its home) is cleared
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
     cw_model.make_scheduler().save_pretrained(out / "scheduler")
+    cw_model.write_pipeline_index(cw_model.assemble_pipeline(unet, vae, text_encoder, tokenizer=tokenizer), out)
     judge.save(out / "judge")
     params = {
         name: sum(p.numel() for p in m.parameters())

@@ -17,7 +17,7 @@ from diffusers_spm import StableDiffusionSPMPipeline, StableDiffusionXLSPMPipeli
 # Tiny models: one intra-op thread is faster than two fighting over a loaded 2-core machine.
 torch.set_num_threads(1)
 
-TOKENIZER_DIR = str(resources.files("diffusers_spm") / "assets" / "clip_tokenizer")
+TOKENIZER_DIR = str(resources.files("diffusers_spm") / "assets" / "concept_world" / "tokenizer")
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:

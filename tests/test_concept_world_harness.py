@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from diffusers_spm import add_spm_support
+from diffusers_spm.grids import CAPTION_LINES, LINE_HEIGHT, ROW_LABEL_WIDTH
 from diffusers_spm.concept_world import (
     ConceptWorld,
     WorldEvaluation,
@@ -57,6 +58,7 @@ def test_demo_with_the_shipped_membrane_writes_table_and_grid(tmp_path):
     reference_rate = "SPM, LA + transport (clipcos_tokenuni, the reference's rate)"
     assert set(results) == {"no membrane", reference_rate, "SPM, LA + transport (tokensim)"}
     assert results["SPM, LA + transport (tokensim)"]["erasure"] > results["no membrane"]["erasure"]
-    assert files["grid"].exists() and Image.open(files["grid"]).size == (8 * 96, 2 * 96)
+    assert files["grid"].exists() and Image.open(files["grid"]).size == (
+        ROW_LABEL_WIDTH + 8 * 96, CAPTION_LINES * LINE_HEIGHT + 4 + 2 * 96)
     with pytest.raises(FileNotFoundError, match="shipped: blue, green, red"):
         run_demo(tmp_path, "circle", train=False)

@@ -20,6 +20,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from diffusers_spm import MembraneController
 from diffusers_spm.cli import main
+from diffusers_spm.grids import CAPTION_LINES, LINE_HEIGHT, ROW_LABEL_WIDTH
 from diffusers_spm.evaluation import (
     IMAGENET_TEMPLATES,
     Condition,
@@ -174,7 +175,7 @@ def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], 
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} |" in summary for name in result.results)
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (256 * 4, 18 + 256 * 2)
+        assert grid.size == (ROW_LABEL_WIDTH + 256 * 4, CAPTION_LINES * LINE_HEIGHT + 4 + 256 * 2)
     assert (tmp_path / "headline.png").stat().st_size > 1000
 
 

@@ -57,6 +57,8 @@ def detect_architecture(membrane: Membrane) -> str:
 def name_to_path(membrane: Membrane, base: str | None = None) -> dict[str, str]:
     """Module paths for the membrane's layers, from `base` (a model folder or Hub id) or a known layout."""
     if base is not None:
-        config = UNet2DConditionModel.load_config(base, subfolder="unet")
+        from .bases import unet_config as base_unet_config
+
+        config = base_unet_config(base)
         return {name: path for name, (path, _) in membrane_targets(meta_unet(config)).items()}
     return {name: path for name, (path, _) in layout(detect_architecture(membrane)).items()}

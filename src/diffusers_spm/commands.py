@@ -1,4 +1,5 @@
-"""The runtime's own commands: `convert` (file layouts) and `generate` (images with membranes)."""
+"""The runtime's own commands: `convert` (file layouts), `generate` (images with membranes) and `list`
+(the registry's short names)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .bases import BASE_HELP, DTYPES, load_base_pipeline
 from .membrane import PICKLE_SUFFIXES, Membrane
 from .transport import METRICS
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def read_any(path: Path) -> Membrane:
@@ -53,12 +53,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from diffusers import DiffusionPipeline
-
-    from .pipeline import add_spm_support
-
-    pipe = DiffusionPipeline.from_pretrained(args.base, torch_dtype=DTYPES[args.dtype])
-    pipe = add_spm_support(pipe.to(args.device))
+    pipe = load_base_pipeline(args.base, args.dtype, args.device)
     for spm in args.spm:
         pipe.load_spm(spm)
     if args.spm:
@@ -77,17 +72,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def registry_table(cache_dir: str | None = None) -> list[list[str]]:
+    """One row per short name: name, concepts, base model, sources, and where it is cached (no network)."""
+    from .hub import registry
+
+    rows = [["name", "concepts", "base model", "source", "cached"]]
+    for entry in registry().values():
+        source = f"hub:{entry.repo_id}/{entry.filename}" + (f" drive:{entry.drive_id}" if entry.drive_id else "")
+        cached = entry.cached_file(cache_dir)
+        rows.append([entry.name, ", ".join(entry.concepts), entry.base_model, source, cached[1] if cached else "no"])
+    return rows
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = registry_table(args.cache_dir)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:  # the command's output: stdout, for people and for `grep`
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     convert_parser = subparsers.add_parser("convert", help="convert a membrane between reference and diffusers layouts")
     convert_parser.add_argument("input", help=".safetensors, or a reference .pt/.ckpt (read with weights_only=True)")
     convert_parser.add_argument("output", help="the .safetensors file to write")
     convert_parser.add_argument("--to", choices=("reference", "diffusers"), required=True)
-    convert_parser.add_argument("--base", help="model folder or Hub id whose UNet layout names the layers "
+    convert_parser.add_argument("--base", help=f"{BASE_HELP}, whose UNet layout names the layers "
                                                "(default: detect SD 1.x / 2.x / XL from the shapes)")
     convert_parser.set_defaults(handler=_convert)
 
     generate = subparsers.add_parser("generate", help="generate images with membranes")
-    generate.add_argument("--base", required=True, help="diffusers model folder or Hub id")
+    generate.add_argument("--base", required=True, help=BASE_HELP)
     generate.add_argument("--spm", action="append", default=[], help="membrane path, Hub id or short name (repeatable)")
     generate.add_argument("--prompt", action="append", required=True, help="repeatable")
     generate.add_argument("--scale", type=float, default=1.0)
@@ -102,3 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     generate.add_argument("--output", default="outputs/generate")
     generate.set_defaults(handler=_generate)
+
+    listing = subparsers.add_parser("list", help="the registry's short names, their sources, and whether they are cached")
+    listing.add_argument("--cache-dir", help="Hugging Face cache folder (default: huggingface_hub's)")
+    listing.set_defaults(handler=_list)

@@ -1,7 +1,8 @@
 """Where membranes come from: local files and folders, Hub repos, and the shipped name registry.
 
 Everything Hub-side goes through `huggingface_hub`, so the local cache and `HF_HUB_OFFLINE=1`
-behave as they do for any diffusers download.
+behave as they do for any diffusers download. A registry name has a second source, the authors'
+Google Drive file, kept in the same cache layout so that it too is fetched once and found offline.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HFValidationError,
@@ -26,9 +29,12 @@ from huggingface_hub.errors import (
 logger = logging.getLogger(__name__)
 
 
+DRIVE_CACHE_NAMESPACE = "gdrive"  # Drive files live in the Hub cache as repo `gdrive/<file id>`
+
+
 @dataclass(frozen=True)
 class RegistryEntry:
-    """A short name (`"nudity"`) for a membrane hosted on the Hub."""
+    """A short name (`"nudity"`) for a membrane on the Hub, with its Google Drive original as fallback."""
 
     name: str
     repo_id: str
@@ -36,6 +42,21 @@ class RegistryEntry:
     base_model: str
     concepts: tuple[str, ...]
     description: str = ""
+    drive_id: str | None = None
+
+    @property
+    def drive_repo_id(self) -> str | None:
+        """The Drive file's place in the huggingface_hub cache (revision = the Drive id)."""
+        return f"{DRIVE_CACHE_NAMESPACE}/{self.drive_id}" if self.drive_id else None
+
+    def cached_file(self, cache_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+        """The locally cached file and the source it came from ("hub" or "drive"), without the network."""
+        sources = [("hub", self.repo_id)] + ([("drive", self.drive_repo_id)] if self.drive_repo_id else [])
+        for source, repo_id in sources:
+            found = try_to_load_from_cache(repo_id, self.filename, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return Path(found), source
+        return None
 
 
 def registry() -> dict[str, RegistryEntry]:
@@ -43,7 +64,8 @@ def registry() -> dict[str, RegistryEntry]:
     raw = json.loads(resources.files("diffusers_spm").joinpath("registry.json").read_text())
     return {
         name: RegistryEntry(name=name, repo_id=e["repo_id"], filename=e["filename"], base_model=e["base_model"],
-                            concepts=tuple(e["concepts"]), description=e.get("description", ""))
+                            concepts=tuple(e["concepts"]), description=e.get("description", ""),
+                            drive_id=e.get("drive_id"))
         for name, e in raw["membranes"].items()
     }
 
@@ -62,8 +84,7 @@ def resolve_membrane(name_or_path: str | Path, weight_name: str | None = None, *
     text = str(name_or_path)
     known = registry()
     if text in known:
-        entry = known[text]
-        return _download(entry.repo_id, weight_name or entry.filename, hub_kwargs), entry.name
+        return fetch_registered(known[text], hub_kwargs), text
     if "/" not in text or text.startswith((".", "/", "~")) or text.endswith(".safetensors"):
         raise FileNotFoundError(
             f"No membrane at {text!r}: it is not a file, a folder, a Hub repo id ('org/name') or a known short name. "
@@ -109,6 +130,70 @@ def _hub_errors(repo_id: str, filename: str | None) -> Iterator[None]:
         raise FileNotFoundError(f"The Hub repo {repo_id!r} has no {filename or 'such revision'!r}.") from exc
     except HFValidationError as exc:
         raise FileNotFoundError(f"{repo_id!r} is neither a local path nor a valid Hub repo id.") from exc
+
+
+def fetch_registered(entry: RegistryEntry, hub_kwargs: dict[str, Any]) -> Path:
+    """The registry file: from the cache, else the Hub repo, else the Drive original (checked as safetensors).
+
+    Offline, only the cache is looked at; when nothing works the error names every source tried.
+    """
+    cache_dir = hub_kwargs.get("cache_dir")
+    cached = entry.cached_file(cache_dir)
+    if cached is not None:
+        return cached[0]
+    tried = [f"the Hub ({entry.repo_id}/{entry.filename})"]
+    if entry.drive_id:
+        tried.append(f"Google Drive (file {entry.drive_id})")
+    local = f"or load a local copy: `pipe.load_spm('path/to/{entry.filename}')`."
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"Membrane {entry.name!r} is not cached and HF_HUB_OFFLINE=1 forbids downloading it from "
+            f"{' or '.join(tried)}. Run once online, {local}"
+        )
+    failures = []
+    try:
+        return _download(entry.repo_id, entry.filename, hub_kwargs)
+    except FileNotFoundError as exc:
+        failures.append(f"{tried[0]}: {exc}")
+    if entry.drive_id:
+        try:
+            return _download_drive_file(entry, cache_dir)
+        except (OSError, ValueError) as exc:
+            failures.append(f"{tried[1]}: {exc}")
+    raise FileNotFoundError(
+        f"Could not get membrane {entry.name!r}; tried {'; '.join(failures)}. Check the network, {local}"
+    )
+
+
+def download_from_drive(drive_id: str, output: Path) -> None:
+    """Fetch a public Google Drive file (gdown handles Drive's confirmation pages)."""
+    import gdown
+
+    if gdown.download(id=drive_id, output=str(output), quiet=True) is None:
+        raise OSError("the download failed (file missing, private, or over Drive's quota)")
+
+
+def _download_drive_file(entry: RegistryEntry, cache_dir: str | os.PathLike | None) -> Path:
+    """Download the Drive original into the huggingface_hub cache layout, once it parses as a membrane.
+
+    The file is read as safetensors only (the authors' trainer writes safetensors); a pickle is never loaded.
+    """
+    from .membrane import Membrane
+
+    assert entry.drive_id is not None and entry.drive_repo_id is not None
+    repo_folder = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{entry.drive_repo_id.replace('/', '--')}"
+    snapshot = repo_folder / "snapshots" / entry.drive_id
+    snapshot.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=snapshot) as tmp:
+        download = Path(tmp) / entry.filename
+        download_from_drive(entry.drive_id, download)
+        Membrane.from_file(download)  # raises MembraneFormatError for anything but a safetensors membrane
+        target = snapshot / entry.filename
+        os.replace(download, target)
+    (repo_folder / "refs").mkdir(exist_ok=True)
+    (repo_folder / "refs" / "main").write_text(entry.drive_id)
+    logger.info("Fetched %s from Google Drive into %s.", entry.name, target)
+    return target
 
 
 def _download(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> Path:

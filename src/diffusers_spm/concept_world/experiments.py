@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ..bases import CONCEPT_WORLD
 from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
@@ -33,7 +34,7 @@ from .metrics import (
     implicit_cases,
     reference_images,
 )
-from .model import WEIGHTS_DIR, WORLD_NAME
+from .model import WEIGHTS_DIR
 from .world import ConceptWorld
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class WorldTraining:
 
 
 def training_config(concept: str, action: str, settings: WorldTraining, output: Path,
-                    base_model: str = WORLD_NAME) -> TrainingConfig:
+                    base_model: str = CONCEPT_WORLD) -> TrainingConfig:
     """A trainer config for one concept of the world, erased towards the empty prompt, on `base_model`."""
     return TrainingConfig.from_dict({
         "pretrained_model": {"name_or_path": base_model},
@@ -85,7 +86,7 @@ def train_world_membrane(pipe: Any, concept: str, output: Path, action: str = "e
                          settings: WorldTraining = WorldTraining()) -> Path:
     """Train one membrane on `pipe` (the world's, or another trained on the world) and save it as
     `<output>/<concept>_<action>.safetensors`; its metadata names the model it was trained on."""
-    config = training_config(concept, action, settings, output / "runs", model_name(pipe.name_or_path or WORLD_NAME))
+    config = training_config(concept, action, settings, output / "runs", model_name(pipe.name_or_path or CONCEPT_WORLD))
     membrane: Membrane = train_membrane(config, pipeline=pipe)
     return membrane.save(output / f"{concept}_{action}.safetensors")
 
@@ -179,17 +180,18 @@ def write_report(comparisons: dict[str, Comparison], output: Path) -> tuple[Path
     return json_path, md_path
 
 
-def write_grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, columns: int = 8, scale: int = 3) -> Path:
-    """A PNG with one row of images per labelled set (e.g. base, then with the membrane), same prompts."""
-    tiles = [np.asarray(images[:columns]) for _, images in rows]
-    size = tiles[0].shape[1] * scale
-    grid = Image.new("RGB", (columns * size, len(tiles) * size), "white")
-    for r, images in enumerate(tiles):
-        for c, image in enumerate(images):
-            tile = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
-            grid.paste(tile, (c * size, r * size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+def write_grid(blocks: Sequence[tuple[Sequence[str], Sequence[tuple[str, np.ndarray]]]], path: Path,
+               columns: int = 8, scale: int = 3) -> Path:
+    """A captioned PNG: per block, its column captions (the prompts and seeds) over rows of images in
+    [0, 1], each row captioned with its condition (e.g. no membrane, then with it)."""
+    from ..grids import GridBlock, captioned_grid
+
+    def tile(image: np.ndarray) -> Image.Image:
+        return Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
+
+    size = np.asarray(blocks[0][1][0][1]).shape[1] * scale
+    captioned_grid([GridBlock(captions[:columns], [(label, [tile(i) for i in images[:columns]]) for label, images in rows])
+                    for captions, rows in blocks], size, path)
     return path
 
 
@@ -198,11 +200,13 @@ def before_after_grid(pipe: Any, world: ConceptWorld, concepts: Sequence[str], f
     """Eight prompts naming each of `concepts` (two seeds each): a row without the membranes, a row
     with them (transport on, `metric`), one pair of rows per concept."""
     add_spm_support(pipe)
-    rows = []
+    names = ", ".join(Path(f).stem for f in files)
+    blocks = []
     for concept in concepts:
         cases = concept_cases(world, [concept], prompts_per_concept=4, seeds_per_prompt=2, seed=7)
         prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
-        rows.append((f"{concept}: no membrane", generate_images(pipe, prompts, seeds)))
+        rows = [(f"erasing {concept}: no membrane", generate_images(pipe, prompts, seeds))]
         with applied(pipe, Condition("with membrane", files, metric=metric)):
-            rows.append((f"{concept}: with membrane", generate_images(pipe, prompts, seeds)))
-    return write_grid(rows, path)
+            rows.append((f"erasing {concept}: with {names} ({metric} transport)", generate_images(pipe, prompts, seeds)))
+        blocks.append(([f"{p} (seed {s})" for p, s in zip(prompts, seeds)], rows))
+    return write_grid(blocks, path)

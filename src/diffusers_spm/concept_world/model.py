@@ -15,12 +15,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..bases import CONCEPT_WORLD
+
 logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-TOKENIZER_DIR = ASSETS / "clip_tokenizer"
-WEIGHTS_DIR = ASSETS / "concept_world"
-WORLD_NAME = "concept-world"  # how metadata and the CLI name the embedded model, on any machine
+WEIGHTS_DIR = ASSETS / "concept_world"  # a standard diffusers folder: DiffusionPipeline.from_pretrained loads it
+TOKENIZER_DIR = WEIGHTS_DIR / "tokenizer"
 JUDGE_DIR = WEIGHTS_DIR / "judge"
 
 IMAGE_SIZE = 32
@@ -107,18 +108,27 @@ def assemble_pipeline(
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
     scheduler: DDIMScheduler | None = None,
+    tokenizer: CLIPTokenizer | None = None,
 ) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` from components (no safety checker: there is nothing to check)."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=make_tokenizer(),
+        tokenizer=tokenizer or make_tokenizer(),
         unet=unet,
         scheduler=scheduler or make_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def write_pipeline_index(pipe: StableDiffusionPipeline, directory: str | Path) -> None:
+    """Write ``model_index.json`` and ``tokenizer/`` beside the saved components, which is what makes
+    `directory` a diffusers folder (`DiffusionPipeline.from_pretrained`, `--base FOLDER`)."""
+    directory = Path(directory)
+    pipe.tokenizer.save_pretrained(directory / "tokenizer")
+    pipe.save_config(directory)
 
 
 def weights_available(directory: str | Path = WEIGHTS_DIR) -> bool:
@@ -147,7 +157,7 @@ def load_concept_world_pipeline(
     text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", dtype=dtype, local_files_only=True)
     scheduler = DDIMScheduler.from_pretrained(directory / "scheduler", local_files_only=True)
     pipe = assemble_pipeline(unet, vae, text_encoder, scheduler)
-    pipe.register_to_config(_name_or_path=WORLD_NAME)
+    pipe.register_to_config(_name_or_path=CONCEPT_WORLD)  # how metadata names it, on any machine
     pipe.set_progress_bar_config(disable=True)
     logger.debug("loaded the concept-world pipeline from %s as %s", directory, dtype)
     return pipe.to(device or "cpu")

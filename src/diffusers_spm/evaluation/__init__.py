@@ -5,7 +5,8 @@
     evaluate(pipe, task, [Condition("base"), Condition("spm", ("snoopy.safetensors",))], "outputs/eval")
 """
 
-from .conditions import COMPARE_CHOICES, Condition, build_conditions, load_base_pipeline
+from ..bases import load_base_pipeline
+from .conditions import COMPARE_CHOICES, Condition, build_conditions
 from .generation import GenerationSettings, GenerationStats, generate_images
 from .metrics import AlterationMetric, ClipMetric, FidKidMetric, Metric, NudityMetric, Sample
 from .prompts import IMAGENET_TEMPLATES, PromptJob, read_i2p_from_hub, read_prompt_csv, template_jobs

@@ -10,7 +10,8 @@ import argparse
 import logging
 
 from ..transport import METRICS
-from .conditions import COMPARE_CHOICES, DTYPES, SLD_PRESETS, build_conditions, load_base_pipeline
+from ..bases import BASE_HELP, DTYPES, load_base_pipeline, resolve_base
+from .conditions import COMPARE_CHOICES, SLD_PRESETS, build_conditions
 from .generation import process_state
 from .runner import evaluate
 from .tasks import TASKS, build_task
@@ -22,6 +23,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Built first, so that `--device cpu` makes CPU workers one data-parallel group.
     state = process_state(args.device)
     device = args.device or str(state.device)
+    resolve_base(args.base)  # a bad --base fails before the task loads its models
     task = build_task(
         args.task,
         prompts=args.prompts,
@@ -60,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--base", required=True, help="diffusers model folder or Hub id")
+    parser.add_argument("--base", required=True, help=BASE_HELP)
     parser.add_argument("--spm", action="append", default=[],
                         help="a membrane set: path, Hub id or short name; comma-join several for one set (repeatable)")
     parser.add_argument("--output", required=True, help="folder for images and the report")

@@ -63,7 +63,7 @@ class SPMTechnique:
     """A base model with membranes loaded, behind eval-unlearn's technique interface."""
 
     def __init__(self, **config: Any) -> None:
-        from .conditions import load_base_pipeline
+        from ..bases import load_base_pipeline
 
         self.config = SPMConfig.from_dict(config)
         self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")

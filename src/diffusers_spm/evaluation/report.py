@@ -10,15 +10,15 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ..grids import GridBlock, captioned_grid
 from .conditions import Condition
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
 
 THUMBNAIL = 256
-LABEL_HEIGHT = 18
 
 
 def write_report(
@@ -93,17 +93,16 @@ def write_summary(path: Path, task: Task, results: Mapping[str, Mapping[str, flo
 
 
 def write_grid(path: Path, task: Task, conditions: Sequence[Condition], folders: Mapping[str, Path], prompts: int) -> Path:
-    """Rows: the first `prompts` jobs; columns: the conditions, base first; a label row on top."""
-    jobs = task.jobs[:prompts]
-    size = THUMBNAIL  # one size whatever the images' (COCO's differ; a toy model's are tiny)
-    grid = Image.new("RGB", (size * len(conditions), LABEL_HEIGHT + size * len(jobs)), "white")
-    draw = ImageDraw.Draw(grid)
-    for col, condition in enumerate(conditions):
-        draw.text((col * size + 2, 2), condition.name[: size // 6], fill="black")
-        for row, job in enumerate(jobs):
+    """Rows: the first `prompts` jobs, captioned with prompt and seed; columns: the conditions, base first."""
+    rows = []
+    for job in task.jobs[:prompts]:
+        images = []
+        for condition in conditions:
             with Image.open(folders[condition.name] / job.file_name) as image:
-                grid.paste(image.convert("RGB").resize((size, size)), (col * size, LABEL_HEIGHT + row * size))
-    grid.save(path)
+                images.append(image.convert("RGB"))
+        rows.append((f"{job.prompt} (seed {job.seed})", images))
+    # one tile size whatever the images' (COCO's differ; a toy model's are tiny)
+    captioned_grid([GridBlock([c.name for c in conditions], rows)], THUMBNAIL, path)
     return path
 
 

@@ -411,8 +411,9 @@ def checkpoint_path(config: TrainingConfig, run_name: str) -> Path:
 
 def load_pipeline(config: TrainingConfig) -> DiffusionPipeline:
     """The base model as a diffusers pipeline (SD 1.x/2.x or XL, from a folder or the Hub)."""
-    return DiffusionPipeline.from_pretrained(config.pretrained_model.name_or_path,
-                                             torch_dtype=torch_dtype(config.train.precision))
+    from ..bases import from_pretrained
+
+    return from_pretrained(config.pretrained_model.name_or_path, torch_dtype=torch_dtype(config.train.precision))
 
 
 class _Tracker:

@@ -1,0 +1,81 @@
+"""Base models as users name them: a diffusers folder, a Hub id, or `concept-world` (the embedded world).
+
+Every command that takes `--base` goes through here, so the alias and the errors (a missing folder,
+a folder that is not a pipeline, a model that is neither cached nor reachable) are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from huggingface_hub.errors import HFValidationError
+
+CONCEPT_WORLD = "concept-world"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BASE_HELP = f"diffusers model folder, Hub id, or `{CONCEPT_WORLD}` (the embedded world)"
+
+
+class BaseModelError(ValueError):
+    """A `--base` that names no loadable diffusers pipeline."""
+
+
+def resolve_base(base: str | os.PathLike, needs: str = "model_index.json") -> str:
+    """The folder or Hub id that `base` names; a local folder must hold `needs` (a pipeline's index, or
+    `unet/config.json` where only the UNet layout is read)."""
+    text = str(base)
+    if text == CONCEPT_WORLD:
+        from .concept_world.model import WEIGHTS_DIR
+
+        return str(WEIGHTS_DIR)
+    path = Path(text).expanduser()
+    if path.is_file():
+        raise BaseModelError(f"{text} is a file; a base model is a diffusers folder (with model_index.json), "
+                             f"a Hub id, or `{CONCEPT_WORLD}`.")
+    if path.is_dir():
+        if not (path / needs).is_file():
+            raise BaseModelError(f"{text} is a folder but not a diffusers pipeline (no {needs}); pass a "
+                                 f"folder written by `save_pretrained`, a Hub id, or `{CONCEPT_WORLD}`.")
+        return str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise BaseModelError(f"No folder {text}; a base model is a diffusers folder, a Hub id, or `{CONCEPT_WORLD}`.")
+    return text
+
+
+def from_pretrained(base: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
+    """`DiffusionPipeline.from_pretrained` for whatever `base` names, its failures as one sentence."""
+    source = resolve_base(base)
+    try:
+        return DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, HFValidationError) as exc:
+        raise BaseModelError(f"Cannot load the base model {str(base)!r}: {_first_line(exc)}") from exc
+
+
+def unet_config(base: str | os.PathLike) -> dict:
+    """The UNet config of `base`, without loading weights."""
+    source = resolve_base(base, needs="unet/config.json")
+    try:
+        return UNet2DConditionModel.load_config(source, subfolder="unet")
+    except (OSError, HFValidationError) as exc:
+        raise BaseModelError(f"Cannot read the UNet config of {str(base)!r}: {_first_line(exc)}") from exc
+
+
+def load_base_pipeline(base: str | os.PathLike, dtype: str = "fp32", device: str | None = None) -> DiffusionPipeline:
+    """A text-to-image pipeline with SPM support, on `device` (default: this process's accelerate device)."""
+    from accelerate import PartialState
+
+    from .pipeline import add_spm_support
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    pipe = from_pretrained(base, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False)
+    pipe = add_spm_support(pipe.to(device or PartialState().device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -8,7 +8,8 @@ one thread each. On 2 CPU cores the whole run takes about 2 hours.
 
     python benchmarks/concept_world_table.py train    --shard 0/2 &   # and --shard 1/2 beside it
     python benchmarks/concept_world_table.py evaluate --shard 0/2 &   # and --shard 1/2
-    python benchmarks/concept_world_table.py report                   # results.md, results.json, grids
+    python benchmarks/concept_world_table.py report                   # results.md and the six-at-once grid
+    python benchmarks/concept_world_table.py ship                     # seed-0 membranes into the package
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SIX = ("red", "blue", "circle", "star", "striped", "dotted")
 ABLATED = ("red", "circle")
 METRICS = ("tokensim", "clipcos_tokenuni")
 CHECKPOINTS = (100, 150, 200, 250, 300)
-FLOORS = (0.1, 0.2, 0.3)
+FLOORS = (0.1, 0.3)
 EVALUATION = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
 BASE = WorldTraining(save_every=50)
 
@@ -103,39 +104,44 @@ def spm_rows(output: Path, concept: str, variant: str = "shipped", label: str = 
 
 
 def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
-    """Table name -> a function of (pipe, judge, world) giving its JSON."""
+    """Table name -> a function of (pipe, judge, world) giving its JSON, in priority order."""
     jobs: dict[str, Callable[..., dict]] = {}
-    for concept in [*SIX, *(c.name for c in ALL_CONCEPTS if c.name not in SIX)]:
+    for concept in SIX:
         jobs[f"concept_{concept}"] = lambda p, j, w, c=concept: compare(
             p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], EVALUATION).as_dict()
+        if concept in ABLATED:
+            jobs[f"anchoring_{concept}"] = lambda p, j, w, c=concept: compare(
+                p, j, w, [c], spm_rows(output, c, "random-anchors", "SPM, random anchors only"), EVALUATION).as_dict()
     for seed in SEEDS:
         files = [membrane(output, "shipped", c, seed) for c in SIX]
         jobs[f"six_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [
             Condition("no membrane"), *(Condition(f"SPM, transport {m}", f, metric=m) for m in METRICS)],
             EVALUATION).as_dict()
+    jobs["implicit_red"] = lambda p, j, w: implicit_frequency(p, j, w, "red", [
+        Condition("no membrane"),
+        *seed_rows(output, "red", "SPM, no transport", transport=False),
+        *spm_rows(output, "red"),
+        *seed_rows(output, "red", "SPM, random anchors only, no transport", "random-anchors", transport=False),
+        *seed_rows(output, "red", "SPM, random anchors only, transport clipcos_tokenuni", "random-anchors"),
+        *(row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
+                                                     metric="tokensim", floor=floor)),
+    ])
+    jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
+        row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
+                                                     metric="tokensim", floor=floor)], EVALUATION).as_dict()
+    for variant in ("shipped", "stale5"):
+        jobs[f"time_{variant}_red"] = lambda p, j, w, v=variant: compare(p, j, w, ["red"], [
+            Condition(f"step {step} | seed {s}", [membrane(output, v, "red", s, step)], metric="tokensim")
+            for step in CHECKPOINTS for s in SEEDS], EVALUATION).as_dict()
     for concept in ABLATED:
         jobs[f"ablation_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], [
             *seed_rows(output, c, "plain LoRA (erase only, load_lora_weights)", "erase-only", as_lora=True),
             *seed_rows(output, c, "SPM without LA, transport tokensim", "erase-only", metric="tokensim"),
             *seed_rows(output, c, "SPM, no transport", transport=False),
-            *spm_rows(output, c, "random-anchors", "SPM, random anchors only"),
         ], EVALUATION).as_dict()
-        jobs[f"implicit_{concept}"] = lambda p, j, w, c=concept: implicit_frequency(p, j, w, c, [
-            Condition("no membrane"),
-            *seed_rows(output, c, "SPM, no transport", transport=False),
-            *spm_rows(output, c),
-            *seed_rows(output, c, "SPM, random anchors only, no transport", "random-anchors", transport=False),
-            *spm_rows(output, c, "random-anchors", "SPM, random anchors only"),
-            *(row for floor in FLOORS for row in seed_rows(output, c, f"SPM, transport tokensim, floor {floor:g}",
-                                                         metric="tokensim", floor=floor)),
-        ])
-        for variant in ("shipped", "stale5"):
-            jobs[f"time_{variant}_{concept}"] = lambda p, j, w, c=concept, v=variant: compare(p, j, w, [c], [
-                Condition(f"step {step} | seed {s}", [membrane(output, v, c, s, step)], metric="tokensim")
-                for step in CHECKPOINTS for s in SEEDS], EVALUATION).as_dict()
-    jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
-        row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
-                                                     metric="tokensim", floor=floor)], EVALUATION).as_dict()
+    for concept in (c.name for c in ALL_CONCEPTS if c.name not in SIX):
+        jobs[f"concept_{concept}"] = lambda p, j, w, c=concept: compare(
+            p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], EVALUATION).as_dict()
     jobs["templates_red"] = lambda p, j, w: compare(p, j, w, ["red"], spm_rows(output, "red", "templates",
                                                                                "SPM, templates"), EVALUATION).as_dict()
     jobs["la_sweep_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
@@ -163,18 +169,81 @@ def evaluate(output: Path, shard: tuple[int, int]) -> None:
         logging.info("evaluated %s in %.0f s", name, time.perf_counter() - start)
 
 
-def report(output: Path) -> None:
-    """Grids for the six-at-once case and the shipped membranes, and every table as markdown."""
-    from diffusers_spm.concept_world.report import world_report
+def seed_groups(rows: dict[str, dict]) -> dict[str, list[dict]]:
+    """`"label | seed k"` rows gathered under `label`, in seed order; other rows stand alone."""
+    groups: dict[str, list[dict]] = {}
+    for label, row in rows.items():
+        groups.setdefault(label.split(" | seed ")[0], []).append(row)
+    return groups
 
-    world, pipe = ConceptWorld(), load_concept_world_pipeline()
-    before_after_grid(pipe, world, SIX, [membrane(output, "shipped", c, 0) for c in SIX], output / "grid_six.png")
-    world_report(output / "tables", output / "results.md")
+
+def spread(values: list[float], worst: Callable[[list[float]], float]) -> str:
+    """`a / b / c (worst w)` for several seeds, the value alone for one."""
+    text = " / ".join(f"{v:.3f}" for v in values)
+    return f"{text} (worst {worst(values):.3f})" if len(values) > 1 else text
+
+
+def comparison_table(table: dict) -> str:
+    lines = [f"Erased: {', '.join(table['erased'])}", "",
+             "| condition | erasure per seed ↑ | preservation per seed ↑ | alteration per seed ↓ |", "|---|---|---|---|"]
+    for label, rows in seed_groups(table["rows"]).items():
+        alteration = [r["alteration"] for r in rows if r["alteration"] is not None]
+        lines.append(f"| {label} | {spread([r['erasure'] for r in rows], min)} | "
+                     f"{spread([r['preservation'] for r in rows], min)} | "
+                     f"{spread(alteration, max) if alteration else ''} |")
+    if len(table["erased"]) > 1:
+        lines += ["", "| condition | " + " | ".join(table["erased"]) + " |", "|---" * (len(table["erased"]) + 1) + "|"]
+        for label, rows in seed_groups(table["rows"]).items():
+            lines.append(f"| {label} | " + " | ".join(
+                spread([r["erasure_per_concept"][c] for r in rows], min) for c in table["erased"]) + " |")
+    return "\n".join(lines)
+
+
+def frequency_table(table: dict) -> str:
+    keys = list(next(iter(table.values())))
+    lines = ["| condition | " + " | ".join(f"share drawn {k} (per seed)" for k in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for label, rows in seed_groups(table).items():
+        lines.append(f"| {label} | " + " | ".join(spread([r[k] for r in rows], max) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def report(output: Path) -> None:
+    """results.md from every table written so far, and the grid of the six concepts erased at once."""
+    sections = []
+    for path in sorted((output / "tables").glob("*.json")):
+        table = json.loads(path.read_text())
+        body = comparison_table(table) if "erased" in table else frequency_table(table)
+        sections.append(f"## {path.stem}\n\n{body}")
+    (output / "results.md").write_text("\n\n".join(sections) + "\n")
+    six = [membrane(output, "shipped", c, 0) for c in SIX]
+    if all(f.exists() for f in six):
+        before_after_grid(load_concept_world_pipeline(), ConceptWorld(), SIX, six, output / "grid_six.png")
+    logging.info("wrote %s", output / "results.md")
+
+
+def ship(output: Path) -> None:
+    """Copy each concept's seed-0 membrane (never chosen by its score) into the package's shipped set,
+    its metadata naming the model as `concept-world`."""
+    from diffusers_spm import Membrane
+    from diffusers_spm.bases import CONCEPT_WORLD
+    from diffusers_spm.concept_world.experiments import MEMBRANES_DIR
+
+    for concept in ALL_CONCEPTS:
+        source = membrane(output, "shipped", concept.name, SEEDS[0])
+        if not source.exists():
+            continue
+        trained = Membrane.from_file(source)
+        config = dict(trained.training_config or {})
+        config["pretrained_model"] = {**config.get("pretrained_model", {}), "name_or_path": CONCEPT_WORLD}
+        config.pop("save", None)  # where the benchmark kept its runs says nothing about the membrane
+        replace(trained, base_model=CONCEPT_WORLD, training_config=config).save(MEMBRANES_DIR / f"{concept.name}.safetensors")
+        logging.info("shipped %s", concept.name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "evaluate", "report"))
+    parser.add_argument("stage", choices=("train", "evaluate", "report", "ship"))
     parser.add_argument("--output", default="outputs/concept_world")
     parser.add_argument("--shard", default="0/1", help="k/n: this process takes every n-th job from the k-th")
     parser.add_argument("--threads", type=int, default=1)
@@ -184,7 +253,7 @@ def main() -> None:
     shard = tuple(int(x) for x in args.shard.split("/"))
     output = Path(args.output)
     {"train": lambda: train(output, shard), "evaluate": lambda: evaluate(output, shard),
-     "report": lambda: report(output)}[args.stage]()
+     "report": lambda: report(output), "ship": lambda: ship(output)}[args.stage]()
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def main() -> None:
             controller = MembraneController.of(unet, create=True)
             for i, membrane in enumerate(membranes):
                 controller.add(f"m{i}", membrane, dtype=dtype)
-            controller.transport = TransportConfig(enabled=False)
+            controller.set_transport(TransportConfig(enabled=False))
             single = torch.rand(n) + 0.1  # one prompt: CFG rows share gates
             mixed = torch.rand(2, n) + 0.1  # two prompts: one row each
             controller.row_gates = lambda sample, text: single  # as transport would rate the rows

@@ -291,3 +291,32 @@ def test_tokensim_rates_a_synonym_by_its_word_embedding(pipe, snoopy):
     normed = torch.nn.functional.normalize(table[words].detach(), dim=-1)
     best = (normed @ torch.nn.functional.normalize(table[snoopy_id].detach(), dim=0)).max().clamp(min=0).item()
     assert rates[2] == pytest.approx(best, abs=1e-5)
+
+
+def test_settings_change_only_through_the_controller_and_invalidate_merged_weights(pipe, snoopy):
+    from diffusers_spm import TransportConfig
+
+    _, path = snoopy
+    pipe.load_spm(path)
+    controller = MembraneController.of(pipe.unet)
+    for attribute in ("enabled", "transport"):
+        with pytest.raises(AttributeError):
+            setattr(controller, attribute, getattr(controller, attribute))
+    changes = [
+        lambda: pipe.set_spm_transport(TransportConfig(enabled=False, power=1.0)),
+        lambda: pipe.set_spm_transport(True, metric="clipcos"),
+        lambda: pipe.set_spm_scale(0.5),
+        pipe.disable_spm,
+        pipe.enable_spm,
+        controller.weights_changed,
+    ]
+    for change in changes:
+        version = controller.version
+        change()
+        assert controller.version > version
+    assert controller.transport == TransportConfig(enabled=True, metric="clipcos")
+    with pytest.raises(TypeError, match="not both"):
+        pipe.set_spm_transport(TransportConfig(), metric="tokenuni")
+    with controller.switched(False):
+        assert not controller.enabled and pipe.get_active_spms() == []
+    assert controller.enabled and pipe.get_active_spms() == ["snoopy"]

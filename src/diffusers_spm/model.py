@@ -129,11 +129,11 @@ class MembraneController(ModelHook):
         super().__init__()
         self.unet = unet
         self.adapters: dict[str, AdapterState] = {}
-        self.transport = TransportConfig()
-        self.enabled = True
         self.fused: list[str] = []
         self.encoders: list[TextEncoderHook] = []
-        self.version = 0
+        self.version = 0  # bumped by every change that invalidates merged weights cached in a call
+        self._transport = TransportConfig()
+        self._enabled = True
         self._targets: dict[str, tuple[str, nn.Module]] | None = None
         self._warned: set[str] = set()
 
@@ -169,6 +169,14 @@ class MembraneController(ModelHook):
             raise ValueError(
                 f"No membrane named {', '.join(map(repr, unknown))} is loaded; loaded: {self.names or 'none'}. "
                 "Load it with `pipe.load_spm(...)` or use one of the loaded names."
+            )
+
+    def check_new_name(self, name: str) -> None:
+        """Raise unless `name` is free for a new membrane."""
+        if name in self.adapters:
+            raise ValueError(
+                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
+                f"`pipe.unload_spm({name!r})` first."
             )
 
     # ------------------------------------------------------------------ membership
@@ -210,11 +218,8 @@ class MembraneController(ModelHook):
 
     def add(self, name: str, membrane: Membrane, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
         """Stack `membrane` into the banks of its layers; all or nothing."""
-        if name in self.adapters:
-            raise ValueError(
-                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
-                f"`pipe.unload_spm({name!r})` first."
-            )
+        self.check_new_name(name)
+        scale = check_scale(name, scale)
         self.check_compatible(membrane, f"Membrane {name!r}")
         touched: list[MembraneBank] = []
         try:
@@ -264,19 +269,59 @@ class MembraneController(ModelHook):
         order = self.names
         for _, bank in self.banks():
             bank.index_rows(order)
-        self.changed()
+        self._invalidate()
 
-    def changed(self) -> None:
-        """Invalidate merged weights cached for the running call (scales or membranes changed)."""
+    def _invalidate(self) -> None:
+        """Merged weights cached in a running call are stale from now on."""
         self.version += 1
 
+    def weights_changed(self) -> None:
+        """Call after changing the banks' tensors in place (an optimizer step, a loaded checkpoint), so a
+        running call does not keep merged weights made from the old ones."""
+        self._invalidate()
+
     # ------------------------------------------------------------------ settings
+    @property
+    def enabled(self) -> bool:
+        """Whether the membranes act at all (`disable_spm` / `enable_spm`)."""
+        return self._enabled
+
+    def set_enabled(self, on: bool) -> None:
+        self._enabled = bool(on)
+        self._invalidate()
+
+    @contextlib.contextmanager
+    def switched(self, on: bool) -> Iterator[None]:
+        """The membranes on (or off) for a block, then as they were."""
+        previous = self._enabled
+        self.set_enabled(on)
+        try:
+            yield
+        finally:
+            self.set_enabled(previous)
+
+    @property
+    def transport(self) -> TransportConfig:
+        return self._transport
+
+    def set_transport(self, transport: TransportConfig) -> None:
+        if not isinstance(transport, TransportConfig):
+            raise TypeError(f"Expected a TransportConfig, got {type(transport).__name__}.")
+        self._transport = transport
+        self._invalidate()
+
+    def active_names(self) -> list[str]:
+        """The membranes acting through the gates now: enabled, scale above 0, not fused."""
+        if not self._enabled:
+            return []
+        return [n for n, s in self.adapters.items() if s.scale > 0 and n not in self.fused]
+
     def set_scales(self, scales: Mapping[str, Any]) -> None:
         self.require(list(scales))
         checked = {name: check_scale(name, value) for name, value in scales.items()}
         for name, value in checked.items():
             self.adapters[name].scale = value
-        self.changed()
+        self._invalidate()
 
     def scales(self) -> torch.Tensor:
         """User scales in adapter order; fused membranes act through the weights, so they gate 0 here."""
@@ -286,6 +331,8 @@ class MembraneController(ModelHook):
 
     # ------------------------------------------------------------------ fuse
     def fuse(self, names: list[str], scale: float) -> None:
+        """Bake `names` into the base weights at fixed gates (`scale` x their scales)."""
+        scale = check_scale("fuse_spm", scale)
         self.require(names)
         if self.fused:
             raise RuntimeError(f"Membranes {self.fused} are already fused; call `unfuse_spm()` first.")
@@ -303,7 +350,7 @@ class MembraneController(ModelHook):
                 bank.unfuse(base, wrappers.get(id(base)))
             raise
         self.fused = list(names)
-        self.changed()
+        self._invalidate()
 
     def unfuse(self) -> None:
         wrappers = lora_wrappers(self.unet)
@@ -311,7 +358,7 @@ class MembraneController(ModelHook):
             bank.unfuse(base, wrappers.get(id(base)))
         self.fused = []
         self._drop_empty_banks()
-        self.changed()
+        self._invalidate()
 
     # ------------------------------------------------------------------ text encoders
     def observe_text_encoders(self, encoders: Sequence[tuple[nn.Module, Sequence[int], int]]) -> None:
@@ -416,7 +463,7 @@ class MembraneController(ModelHook):
         return forward if forward is not None and forward.controller is self else None
 
     def active(self) -> bool:
-        return self.enabled and bool(self.adapters) and len(self.fused) < len(self.adapters)
+        return self._enabled and bool(self.adapters) and len(self.fused) < len(self.adapters)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Resolve this forward's gates once, for all layers; drop them when it ends, however it ends."""

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from diffusers import (
@@ -28,8 +28,8 @@ from diffusers import (
 
 from .hub import resolve_membrane
 from .membrane import Membrane
-from .model import MembraneController, check_scale
-from .transport import TransportConfig
+from .model import MembraneController
+from .transport import Metric, TransportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +54,9 @@ class SPMPipelineMixin:
         path, default_name = resolve_membrane(pretrained_model_name_or_path, weight_name, **hub_kwargs)
         name = adapter_name or default_name
         existing = MembraneController.of(self.unet)
-        if existing is not None and name in existing.adapters:
-            raise ValueError(
-                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
-                f"`pipe.unload_spm({name!r})` first."
-            )
+        if existing is not None:
+            existing.check_new_name(name)  # before reading the file
         membrane = Membrane.from_file(path)
-        check_scale(name, scale)
         controller = MembraneController.of(self.unet, create=True)
         try:
             controller.add(name, membrane, dtype=self.unet.dtype, scale=scale)
@@ -106,19 +102,25 @@ class SPMPipelineMixin:
 
     def set_spm_transport(
         self,
-        enabled: bool = True,
-        metric: str = "clipcos_tokenuni",
-        power: float = 2.0,
-        cfg_rows: str = "paired",
-        floor: float = 0.0,
+        enabled: bool | TransportConfig = True,
+        metric: Metric | None = None,
+        power: float | None = None,
+        cfg_rows: Literal["paired", "own"] | None = None,
+        floor: float | None = None,
     ) -> None:
         """Facilitated Transport on (gates follow each prompt) or off (gates are the scales).
 
-        `floor` is the lowest rate a membrane acts with on any prompt (0, the reference, by default)."""
-        controller = self._spm_controller()
-        controller.transport = TransportConfig(enabled=enabled, metric=metric, power=power, cfg_rows=cfg_rows,
-                                               floor=floor)
-        controller.changed()
+        Pass a `TransportConfig`, or `enabled` and the settings that differ from `TransportConfig`'s
+        defaults (the reference's). `floor` is the lowest rate a membrane acts with on any prompt."""
+        settings = {k: v for k, v in {"metric": metric, "power": power, "cfg_rows": cfg_rows, "floor": floor}.items()
+                    if v is not None}
+        if isinstance(enabled, TransportConfig):
+            if settings:
+                raise TypeError(f"Pass a TransportConfig or settings, not both (got {', '.join(settings)} too).")
+            config = enabled
+        else:
+            config = TransportConfig(enabled=enabled, **settings)
+        self._spm_controller().set_transport(config)
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
         """Raw transport rates in [0, 1], per membrane and prompt (before scale and power), as the
@@ -135,19 +137,13 @@ class SPMPipelineMixin:
 
     def get_active_spms(self) -> list[str]:
         controller = MembraneController.of(self.unet)
-        if controller is None or not controller.enabled:
-            return []
-        return [n for n, s in controller.adapters.items() if s.scale > 0 and n not in controller.fused]
+        return [] if controller is None else controller.active_names()
 
     def disable_spm(self) -> None:
-        controller = self._spm_controller()
-        controller.enabled = False
-        controller.changed()
+        self._spm_controller().set_enabled(False)
 
     def enable_spm(self) -> None:
-        controller = self._spm_controller()
-        controller.enabled = True
-        controller.changed()
+        self._spm_controller().set_enabled(True)
 
     def fuse_spm(self, scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> None:
         """Bake membranes into the UNet weights at fixed gates (`scale` x their scales, no transport).
@@ -156,7 +152,6 @@ class SPMPipelineMixin:
         one copy of the adapted layers' weights while fused.
         """
         controller = self._spm_controller()
-        check_scale("fuse_spm", scale)
         controller.fuse(list(adapter_names) if adapter_names is not None else controller.names, scale)
 
     def unfuse_spm(self) -> None:

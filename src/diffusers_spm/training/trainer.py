@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
@@ -120,8 +120,8 @@ class MembraneTrainer:
                 f"The UNet already carries membranes {controller.names}; unload them (`pipe.unload_spm()`) "
                 "before training, or they would act during training."
             )
-        controller.transport = TransportConfig(enabled=False)
-        controller.enabled = True
+        controller.set_transport(TransportConfig(enabled=False))
+        controller.set_enabled(True)
         rank, alpha = self.config.network.rank, self.config.network.alpha
         modules = {}
         for name, (_, base) in controller.targets.items():
@@ -161,16 +161,8 @@ class MembraneTrainer:
         return torch.optim.AdamW(self.params, lr=train.lr, **train.optimizer_args)
 
     # ------------------------------------------------------------------ membrane switch
-    @contextlib.contextmanager
-    def membrane(self, on: bool) -> Iterator[None]:
-        previous = self.controller.enabled
-        self.controller.enabled = on
-        self.controller.changed()
-        try:
-            yield
-        finally:
-            self.controller.enabled = previous
-            self.controller.changed()
+    def membrane(self, on: bool) -> contextlib.AbstractContextManager[None]:
+        return self.controller.switched(on)
 
     # ------------------------------------------------------------------ one iteration
     def plan(self) -> Plan:
@@ -328,7 +320,7 @@ class MembraneTrainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.controller.changed()
+        self.controller.weights_changed()
         self.step_count += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -365,7 +357,7 @@ class MembraneTrainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
-        self.controller.changed()
+        self.controller.weights_changed()
 
     def close(self) -> None:
         """Take the membrane out of the UNet and undo what training set up."""

@@ -320,3 +320,30 @@ def test_settings_change_only_through_the_controller_and_invalidate_merged_weigh
     with controller.switched(False):
         assert not controller.enabled and pipe.get_active_spms() == []
     assert controller.enabled and pipe.get_active_spms() == ["snoopy"]
+
+
+def test_spm_applied_removes_only_its_own_membranes(pipe, snoopy, tmp_path):
+    from diffusers_spm import TransportConfig
+    from diffusers_spm.concept_world.experiments import Condition, applied
+
+    _, path = snoopy
+    random_membrane(pipe.unet, ["van gogh"], seed=2).save(tmp_path / "van_gogh.safetensors")
+    pipe.load_spm(path, adapter_name="mine", scale=0.7)
+    pipe.set_spm_transport(True, metric="tokenuni", floor=0.1)
+    mine = pipe.get_spm_transport_rates(PROMPTS)
+    before = generate(pipe, PROMPTS[0])
+    block = TransportConfig(enabled=True, metric="clipcos")
+    with pipe.spm_applied([tmp_path / "van_gogh.safetensors"], scale=0.5, transport=block) as names:
+        assert names == ["van_gogh"] and pipe.get_active_spms() == ["mine", "van_gogh"]
+        assert MembraneController.of(pipe.unet).transport == block
+        assert abs(generate(pipe, PROMPTS[0]) - before).max() > 1e-4
+    with pytest.raises(RuntimeError, match="inside"):
+        with pipe.spm_applied([tmp_path / "van_gogh.safetensors"]):
+            raise RuntimeError("inside")
+    with applied(pipe, Condition("other", [tmp_path / "van_gogh.safetensors"], metric="eoscos")):
+        assert pipe.get_active_spms() == ["mine", "m0"]
+    controller = MembraneController.of(pipe.unet)
+    assert pipe.get_active_spms() == ["mine"] and controller.adapters["mine"].scale == 0.7
+    assert controller.transport == TransportConfig(enabled=True, metric="tokenuni", floor=0.1)
+    assert pipe.get_spm_transport_rates(PROMPTS) == mine
+    assert abs(generate(pipe, PROMPTS[0]) - before).max() == 0

@@ -9,11 +9,12 @@ so every route into the UNet gets the same ones. It works on any pipeline with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from diffusers import (
@@ -45,8 +46,9 @@ class SPMPipelineMixin:
         adapter_name: str | None = None,
         scale: float = 1.0,
         **hub_kwargs: Any,
-    ) -> None:
-        """Load a membrane from a file, a folder, a Hub repo id or a registry short name (`"nudity"`).
+    ) -> str:
+        """Load a membrane from a file, a folder, a Hub repo id or a registry short name (`"nudity"`);
+        returns the name it is loaded under.
 
         `adapter_name` defaults to the file's stem or the short name; a name already loaded is an
         error, as in `load_lora_weights`. On any failure the pipeline is left as it was.
@@ -69,6 +71,42 @@ class SPMPipelineMixin:
             if not controller.adapters:
                 controller.detach()
         logger.info("Loaded membrane %r (%s) on %d layers.", name, ", ".join(membrane.concepts), len(membrane.modules))
+        return name
+
+    @contextlib.contextmanager
+    def spm_applied(
+        self,
+        sources: str | os.PathLike | Sequence[str | os.PathLike],
+        adapter_names: Sequence[str] | None = None,
+        scale: float = 1.0,
+        transport: TransportConfig | None = None,
+        **hub_kwargs: Any,
+    ) -> Iterator[list[str]]:
+        """Membranes loaded for a block of work, then unloaded: only these, whatever else is loaded.
+
+        `sources` are what `load_spm` takes, `adapter_names` their names (default: `load_spm`'s),
+        each loaded at `scale`. `transport`, if given, holds for the block (for every loaded membrane:
+        transport is one setting per pipeline); the previous setting comes back after it. Yields the
+        names the membranes were loaded under.
+        """
+        sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+        names = list(adapter_names) if adapter_names is not None else [None] * len(sources)
+        if len(names) != len(sources):
+            raise ValueError(f"Got {len(sources)} membranes but {len(names)} adapter names.")
+        controller = MembraneController.of(self.unet)
+        previous = controller.transport if controller is not None and controller.adapters else None
+        loaded: list[str] = []
+        try:
+            for source, name in zip(sources, names):
+                loaded.append(self.load_spm(source, adapter_name=name, scale=scale, **hub_kwargs))
+            if transport is not None and loaded:
+                self.set_spm_transport(transport)
+            yield loaded
+        finally:
+            if loaded:
+                self.unload_spm(loaded)
+            if previous is not None:
+                self.set_spm_transport(previous)
 
     def unload_spm(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Remove one, several or (by default) all membranes; the UNet is returned bit for bit."""

@@ -14,8 +14,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..hub import resolve_membrane
-from ..model import MembraneController
 from ..pipeline import add_spm_support
+from ..transport import TransportConfig
 
 COMPARE_CHOICES = ("base", "spm", "spm-no-transport", "lora", "sld")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,8 +42,8 @@ class Condition:
     kind: Kind
     membranes: tuple[str, ...] = ()
     scale: float = 1.0
-    transport_metric: str = "clipcos_tokenuni"
-    power: float = 2.0
+    transport_metric: str = TransportConfig.metric
+    power: float = TransportConfig.power
     sld_concept: str | None = None
     sld_preset: str = "strong"
 
@@ -65,36 +65,33 @@ class Condition:
             yield pipe, {}
         elif self.kind in ("spm", "spm-no-transport"):
             pipe = add_spm_support(pipe)
-            controller = MembraneController.of(pipe.unet)
-            previous = controller.transport if controller is not None and controller.adapters else None
-            loaded: list[str] = []
-            try:
-                for i, membrane in enumerate(self.membranes):
-                    pipe.load_spm(membrane, adapter_name=f"eval{i}")
-                    loaded.append(f"eval{i}")
-                pipe.set_spm_scale(dict.fromkeys(loaded, self.scale))
-                pipe.set_spm_transport(self.kind == "spm", metric=self.transport_metric, power=self.power)
+            names = [f"eval{i}" for i in range(len(self.membranes))]
+            transport = TransportConfig(enabled=self.kind == "spm", metric=self.transport_metric, power=self.power)
+            with pipe.spm_applied(self.membranes, names, scale=self.scale, transport=transport):
                 yield pipe, {}
-            finally:
-                if loaded:  # only ours: membranes the caller loaded stay, with their transport settings
-                    pipe.unload_spm(loaded)
-                if previous is not None:
-                    pipe.set_spm_transport(previous.enabled, previous.metric, previous.power, previous.cfg_rows)
         elif self.kind == "lora":
-            loaded = []
-            try:
-                for i, membrane in enumerate(self.membranes):
-                    pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=f"eval{i}")
-                    loaded.append(f"eval{i}")
-                pipe.set_adapters(loaded, adapter_weights=[self.scale] * len(loaded))
+            with loras_applied(pipe, self.membranes, [f"eval{i}" for i in range(len(self.membranes))], self.scale):
                 yield pipe, {}
-            finally:
-                if loaded:
-                    pipe.delete_adapters(loaded)
-                if not any(pipe.get_list_adapters().values()):
-                    pipe.unload_lora_weights()  # no LoRA left: unwrap the layers too
         else:
             yield sld_pipeline(pipe, self.sld_concept), dict(SLD_PRESETS[self.sld_preset])
+
+
+@contextmanager
+def loras_applied(pipe: DiffusionPipeline, membranes: Sequence[str | Path], adapter_names: Sequence[str],
+                  scale: float = 1.0) -> Iterator[list[str]]:
+    """Membrane files loaded as plain LoRAs (no transport) for a block, then deleted: only these."""
+    loaded: list[str] = []
+    try:
+        for membrane, name in zip(membranes, adapter_names, strict=True):
+            pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=name)
+            loaded.append(name)
+        pipe.set_adapters(loaded, adapter_weights=[scale] * len(loaded))
+        yield loaded
+    finally:
+        if loaded:
+            pipe.delete_adapters(loaded)
+        if not any(pipe.get_list_adapters().values()):
+            pipe.unload_lora_weights()  # no LoRA left: unwrap the layers too
 
 
 def membrane_label(membrane: str) -> str:
@@ -121,8 +118,8 @@ def build_conditions(
     membrane_sets: Sequence[Sequence[str]],
     compare: Sequence[str] = ("base", "spm", "spm-no-transport"),
     scale: float = 1.0,
-    transport_metric: str = "clipcos_tokenuni",
-    power: float = 2.0,
+    transport_metric: str = TransportConfig.metric,
+    power: float = TransportConfig.power,
     sld_concept: str | None = None,
     sld_preset: str = "strong",
     needs_base: bool = False,

@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from diffusers_spm.architectures import unet_config  # noqa: E402
 from diffusers_spm.model import MembraneController, membrane_targets  # noqa: E402
 from diffusers_spm.transport import TransportConfig  # noqa: E402
+from diffusers_spm.utils import DTYPES  # noqa: E402
 from reference_spm import apply_reference, random_membrane, remove_reference  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def seconds(fn: Callable[[], object], device: str) -> float:

@@ -10,10 +10,9 @@ import torch
 
 from .membrane import PICKLE_SUFFIXES, Membrane
 from .transport import METRICS, TransportConfig
+from .utils import DTYPES
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def read_any(path: Path) -> Membrane:

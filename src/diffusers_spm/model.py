@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .encodings import TextEncoderHook, TextRow, describe, observe, unobserve
-from .layers import MembraneBank, attach_bank, detach_bank
+from .hooks import add_hook, get_hook, remove_hook
+from .layers import MembraneBank, attach_bank, bank_of, detach_bank, layer_shape
 from .membrane import Membrane, MembraneFormatError, kohya_name
 from .transport import TransportConfig, TransportRate
 
@@ -140,11 +141,9 @@ class MembraneController(ModelHook):
     # ------------------------------------------------------------------ lookup
     @classmethod
     def of(cls, unet: nn.Module, create: bool = False) -> "MembraneController | None":
-        registry = getattr(unet, "_diffusers_hook", None)
-        controller = registry.get_hook(CONTROLLER_HOOK) if registry is not None else None
+        controller = get_hook(unet, CONTROLLER_HOOK)
         if controller is None and create:
-            controller = cls(unet)
-            HookRegistry.check_if_exists_or_initialize(unet).register_hook(controller, CONTROLLER_HOOK)
+            controller = add_hook(unet, cls(unet), CONTROLLER_HOOK)
         return controller
 
     @property
@@ -155,7 +154,7 @@ class MembraneController(ModelHook):
 
     def banks(self) -> Iterator[tuple[nn.Module, MembraneBank]]:
         for _, base in self.targets.values():
-            bank = getattr(base, "spm_membranes", None)
+            bank = bank_of(base)
             if bank is not None:
                 yield base, bank
 
@@ -187,16 +186,10 @@ class MembraneController(ModelHook):
             if name not in self.targets:
                 missing.append(name)
                 continue
-            base = self.targets[name][1]
-            if isinstance(base, nn.Conv2d):
-                want_down = (base.in_channels, *base.kernel_size)
-                want_up = (base.out_channels, 1, 1)
-            else:
-                want_down, want_up = (base.in_features,), (base.out_features,)
-            got_down = tuple(module.down.shape[1:])
-            got_up = (module.up.shape[0], *module.up.shape[2:])
-            if got_down != want_down or got_up != want_up:
-                misshapen.append(f"{name}: membrane in/out {got_down}/{got_up[0]} vs layer {want_down}/{want_up[0]}")
+            want = layer_shape(self.targets[name][1])
+            if module.down.shape != want.down(module.rank) or module.up.shape != want.up(module.rank):
+                misshapen.append(f"{name}: membrane in/out {tuple(module.down.shape[1:])}/{module.up.shape[0]} vs "
+                                 f"layer {want.in_shape}/{want.out_features}")
         if not missing and not misshapen:
             return
         hint = ""
@@ -255,7 +248,7 @@ class MembraneController(ModelHook):
         state = self.adapters[name]
         modules = {}
         for layer_name, (_, base) in self.targets.items():
-            bank = getattr(base, "spm_membranes", None)
+            bank = bank_of(base)
             if bank is not None and name in bank.names:
                 modules[layer_name] = bank.module(name)
         return dataclasses.replace(state.membrane, modules=modules)
@@ -521,12 +514,7 @@ class MembraneController(ModelHook):
         for hook in self.encoders:
             unobserve(hook, id(self))
         self.encoders = []
-        registry = self.unet._diffusers_hook
-        registry.remove_hook(CONTROLLER_HOOK, recurse=False)
-        restored = self.unet.__dict__.get("forward")
-        if not registry.hooks and getattr(restored, "__func__", None) is type(self.unet).forward:
-            del self.unet._diffusers_hook
-            del self.unet.forward
+        remove_hook(self.unet, CONTROLLER_HOOK)
 
 
 def _is_negative_of(negative: TextRow | None, prompt: TextRow | None) -> bool:

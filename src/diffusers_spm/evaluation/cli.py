@@ -10,7 +10,8 @@ import argparse
 import logging
 
 from ..transport import METRICS, TransportConfig
-from .conditions import COMPARE_CHOICES, DTYPES, SLD_PRESETS, build_conditions, load_base_pipeline
+from ..utils import DTYPES
+from .conditions import COMPARE_CHOICES, SLD_PRESETS, build_conditions, load_base_pipeline
 from .generation import process_state
 from .runner import evaluate
 from .tasks import TASKS, build_task

@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
-import torch
 from diffusers import DiffusionPipeline
 
 from ..hub import resolve_membrane
 from ..pipeline import add_spm_support
 from ..transport import TransportConfig
+from ..utils import torch_dtype
 
 COMPARE_CHOICES = ("base", "spm", "spm-no-transport", "lora", "sld")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # SLD's configurations (the values of diffusers' SafetyConfig); the reference evaluates "strong".
 SLD_PRESETS: dict[str, dict[str, float]] = {
@@ -147,10 +146,8 @@ def load_base_pipeline(base: str, dtype: str = "fp32", device: str | None = None
     """A diffusers text-to-image pipeline with SPM support, on this process's device (accelerate's)."""
     from accelerate import PartialState
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     pipe = DiffusionPipeline.from_pretrained(
-        base, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False
+        base, torch_dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
     )
     pipe = add_spm_support(pipe.to(device or PartialState().device))
     pipe.set_progress_bar_config(disable=True)

@@ -31,12 +31,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
+from ..layers import bank_of, layer_shape
 from ..membrane import Membrane, MembraneModule
 from ..model import MembraneController, architecture_of
 from ..transport import TransportConfig
+from ..utils import flatten, torch_dtype
 from .anchors import sample_anchor_embeddings
 from .conditioning import TEMPLATES, Conditioning, PromptEncoder, sdxl_time_ids
-from .config import ConceptConfig, TrainingConfig, torch_dtype
+from .config import ConceptConfig, TrainingConfig
 from .losses import spm_losses, to_epsilon
 
 logger = logging.getLogger(__name__)
@@ -125,12 +127,8 @@ class MembraneTrainer:
         rank, alpha = self.config.network.rank, self.config.network.alpha
         modules = {}
         for name, (_, base) in controller.targets.items():
-            if isinstance(base, torch.nn.Conv2d):
-                down = torch.empty(rank, base.in_channels, *base.kernel_size)
-                up = torch.zeros(base.out_channels, rank, 1, 1)
-            else:
-                down = torch.empty(rank, base.in_features)
-                up = torch.zeros(base.out_features, rank)
+            shape = layer_shape(base)
+            down, up = torch.empty(shape.down(rank)), torch.zeros(shape.up(rank))
             # As kohya/the reference: Kaiming-uniform down, zero up, so training starts at the base model.
             torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=self.generator)
             modules[name] = MembraneModule(down=down, up=up, alpha=alpha)
@@ -335,7 +333,7 @@ class MembraneTrainer:
             "step": self.step_count,
             "membrane": {name: (bank.down.detach().clone(), bank.up.detach().clone())
                          for name, (_, base) in self.controller.targets.items()
-                         if (bank := getattr(base, "spm_membranes", None)) is not None},
+                         if (bank := bank_of(base)) is not None},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -348,7 +346,7 @@ class MembraneTrainer:
                            "an uninterrupted one.")
         with torch.no_grad():
             for name, (_, base) in self.controller.targets.items():
-                bank = getattr(base, "spm_membranes", None)
+                bank = bank_of(base)
                 if bank is not None:
                     down, up = state["membrane"][name]
                     bank.down.copy_(down)
@@ -422,7 +420,7 @@ class _Tracker:
             raise ImportError(f"logging.tracker={config.logging.tracker!r} needs the {config.logging.tracker} package "
                               "(`pip install diffusers-spm[train]`), or set logging.tracker=none.")
         self.accelerator = Accelerator(log_with=config.logging.tracker, project_dir=config.save.path)
-        self.accelerator.init_trackers(config.logging.run_name or run_name, config=_flat(config.model_dump(mode="json")))
+        self.accelerator.init_trackers(config.logging.run_name or run_name, config=_tracker_values(config.model_dump(mode="json")))
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.accelerator is not None:
@@ -441,14 +439,9 @@ class _Tracker:
             self.accelerator.end_training()
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+def _tracker_values(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config as trackers take it: one level, numbers and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _samples(trainer: MembraneTrainer, config: TrainingConfig, run_name: str, step: int, tracker: _Tracker) -> None:

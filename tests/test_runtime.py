@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_pipeline, tiny_unet
+from conftest import recorded_gates, tiny_pipeline, tiny_unet
 from diffusers_spm import Membrane, MembraneController
 from diffusers_spm.transport import tokensim, tokenuni
 from reference_spm import apply_reference, random_membrane, remove_reference
@@ -155,12 +155,9 @@ def test_one_call_with_several_prompts_equals_separate_calls(pipe, tmp_path):
 def test_cfg_rows_follow_their_prompt_by_default(pipe, snoopy):
     _, path = snoopy
     pipe.load_spm(path)
-    controller = MembraneController.of(pipe.unet)
-    seen = []
-    original = controller._forward_gates
-    controller._forward_gates = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    seen = recorded_gates(pipe)
     generate(pipe, ["a photo of snoopy", "a red car"], num_images_per_prompt=2, num_inference_steps=1)
-    gates = seen[0].gates[:, 0]
+    gates = seen[0][:, 0]
     assert gates.shape == (8,)
     torch.testing.assert_close(gates[:4], gates[4:])  # [uncond rows, cond rows]
     assert gates[4] == gates[5] and gates[6] == gates[7] and gates[4] > gates[6]
@@ -168,7 +165,7 @@ def test_cfg_rows_follow_their_prompt_by_default(pipe, snoopy):
     pipe.set_spm_transport(True, cfg_rows="own")
     seen.clear()
     generate(pipe, ["a photo of snoopy", "a red car"], num_images_per_prompt=2, num_inference_steps=1)
-    own = seen[0].gates[:, 0]
+    own = seen[0][:, 0]
     rate_empty = pipe.get_spm_transport_rates("")["snoopy"][0]
     torch.testing.assert_close(own[:4], torch.full((4,), rate_empty ** 2))
 
@@ -251,8 +248,12 @@ def test_eoscos_rates_compare_end_of_text_outputs(pipe, snoopy):
     for i in range(2):
         expected = torch.cosine_similarity(pooled[i], pooled[2], dim=0).clamp(0, 1).item()
         assert rates[i] == pytest.approx(expected, abs=1e-5)
-    flattened = pipe.get_spm_transport_rates(prompts)  # still eoscos: settings persist
-    assert flattened["snoopy"] == rates
+    pipe.set_spm_transport(True, metric="clipcos")  # the reference's cosine: flattened, padding included
+    flattened = pipe.get_spm_transport_rates(prompts)["snoopy"]
+    for i in range(2):
+        expected = torch.cosine_similarity(embeds[i].flatten(), embeds[2].flatten(), dim=0).clamp(0, 1).item()
+        assert flattened[i] == pytest.approx(expected, abs=1e-5)
+        assert flattened[i] != pytest.approx(rates[i], abs=1e-3)  # eoscos really reads other features
     pipe.set_spm_transport(True, metric="eoscos_tokenuni")
     assert pipe.get_spm_transport_rates(prompts)["snoopy"][1] == pytest.approx(1.0)  # token overlap
 

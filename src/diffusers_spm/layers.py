@@ -20,7 +20,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from .hooks import add_hook, remove_hook
-from .membrane import MembraneModule
+from .membrane import LowRankPair
 
 if TYPE_CHECKING:
     from .model import ForwardGates, MembraneController
@@ -89,7 +89,7 @@ class MembraneBank(nn.Module):
         return
 
     # ------------------------------------------------------------------ membership
-    def add(self, name: str, module: MembraneModule, dtype: torch.dtype | None = None) -> None:
+    def add(self, name: str, module: LowRankPair, dtype: torch.dtype | None = None) -> None:
         down = module.down.to(self.down.device, dtype or self.down.dtype)
         up = module.up.reshape(module.up.shape[0], module.rank).to(self.up.device, dtype or self.up.dtype)
         requires_grad = self.down.requires_grad
@@ -110,7 +110,7 @@ class MembraneBank(nn.Module):
         self.row_scale = self.row_scale[keep.to(self.row_scale.device)]
         del self.names[index], self.ranks[index], self.alphas[index]
 
-    def module(self, name: str) -> MembraneModule:
+    def pair(self, name: str) -> LowRankPair:
         """One membrane's weights, back in the reference shapes."""
         index = self.names.index(name)
         start, rank = sum(self.ranks[:index]), self.ranks[index]
@@ -118,7 +118,7 @@ class MembraneBank(nn.Module):
         up = self.up.detach()[:, start : start + rank].clone()
         if self.is_conv:
             up = up[:, :, None, None]
-        return MembraneModule(down=down, up=up, alpha=self.alphas[index])
+        return LowRankPair(down=down, up=up, alpha=self.alphas[index])
 
     def index_rows(self, order: list[str]) -> None:
         """Point each row at its membrane's position in the controller's gate vector."""

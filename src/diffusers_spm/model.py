@@ -29,7 +29,7 @@ from .encodings import TextEncoderHook, TextRow, describe, observe, unobserve
 from .hooks import add_hook, get_hook, remove_hook
 from .layers import MembraneBank, attach_bank, bank_of, detach_bank, layer_shape
 from .membrane import Membrane, MembraneFormatError, kohya_name
-from .transport import TransportConfig, TransportRate
+from .transport import TransportConfig, TransportScorer
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class MembraneController(ModelHook):
         for layer_name, (_, base) in self.targets.items():
             bank = bank_of(base)
             if bank is not None and name in bank.names:
-                modules[layer_name] = bank.module(name)
+                modules[layer_name] = bank.pair(name)
         return dataclasses.replace(state.membrane, modules=modules)
 
     def _drop_empty_banks(self) -> None:
@@ -407,10 +407,10 @@ class MembraneController(ModelHook):
                 "tokens are unknown; those rows are rated by the embedding cosine alone. Encode prompts with "
                 "`pipe.encode_prompt(...)` for the full transport metric.",
             )
-        rate = TransportRate(self.transport.metric)
+        scorer = TransportScorer(self.transport.metric)
         concept_rows = [r for s in states for r in s.concept_rows]
-        scores = rate.concept_scores(text, rows, concept_embeds, concept_rows)
-        return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
+        scores = scorer.concept_scores(text, rows, concept_embeds, concept_rows)
+        return scorer.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
 
     def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         """[B, N] or [N] gates of one UNet forward.

@@ -122,7 +122,7 @@ def tokensim(
     return scores
 
 
-class TransportRate:
+class TransportScorer:
     """Scores prompts against concepts with one of `METRICS`, then reduces the
     concept scores to one rate in [0, 1] per membrane."""
 

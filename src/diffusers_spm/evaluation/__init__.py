@@ -1,12 +1,12 @@
 """The paper's evaluation protocol: tasks, metrics, resumable data-parallel generation and reports.
 
-    from diffusers_spm.evaluation import Condition, build_task, evaluate
+    from diffusers_spm.evaluation import EvalCondition, build_task, evaluate
     task = build_task("general", concepts=["snoopy"], clip_model="openai/clip-vit-base-patch32")
-    evaluate(pipe, task, [Condition("base"), Condition("spm", ("snoopy.safetensors",))], "outputs/eval")
+    evaluate(pipe, task, [EvalCondition("base"), EvalCondition("spm", ("snoopy.safetensors",))], "outputs/eval")
 """
 
-from .conditions import COMPARE_CHOICES, Condition, build_conditions, load_base_pipeline
-from .generation import GenerationSettings, GenerationStats, generate_images
+from .conditions import COMPARE_CHOICES, EvalCondition, build_conditions, load_base_pipeline
+from .generation import GenerationSettings, GenerationStats, generate_to_folder
 from .metrics import AlterationMetric, ClipMetric, FidKidMetric, Metric, NudityMetric, Sample
 from .prompts import IMAGENET_TEMPLATES, PromptJob, read_i2p_from_hub, read_prompt_csv, template_jobs
 from .runner import EvaluationResult, evaluate
@@ -18,7 +18,7 @@ __all__ = [
     "TASKS",
     "AlterationMetric",
     "ClipMetric",
-    "Condition",
+    "EvalCondition",
     "EvaluationResult",
     "FidKidMetric",
     "GenerationSettings",
@@ -31,7 +31,7 @@ __all__ = [
     "build_conditions",
     "build_task",
     "evaluate",
-    "generate_images",
+    "generate_to_folder",
     "load_base_pipeline",
     "read_i2p_from_hub",
     "read_prompt_csv",

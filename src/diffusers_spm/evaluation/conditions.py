@@ -35,7 +35,7 @@ Kind = Literal["base", "spm", "spm-no-transport", "lora", "sld"]
 
 
 @dataclass(frozen=True)
-class Condition:
+class EvalCondition:
     """One way of generating; `membranes` is one membrane set (paths, Hub ids or registry short names)."""
 
     kind: Kind
@@ -122,7 +122,7 @@ def build_conditions(
     sld_concept: str | None = None,
     sld_preset: str = "strong",
     needs_base: bool = False,
-) -> list[Condition]:
+) -> list[EvalCondition]:
     """Every requested kind, the membrane kinds once per membrane set; `base` first when a task needs it."""
     if sld_preset not in SLD_PRESETS:
         raise ValueError(f"Unknown SLD preset {sld_preset!r}; choose from {', '.join(SLD_PRESETS)}.")
@@ -132,13 +132,13 @@ def build_conditions(
     kinds = list(dict.fromkeys(["base", *compare] if needs_base else compare))
     if any(k in ("spm", "spm-no-transport", "lora") for k in kinds) and not membrane_sets:
         raise ValueError("Membrane conditions need at least one `--spm`.")
-    conditions: list[Condition] = []
+    conditions: list[EvalCondition] = []
     for kind in kinds:
         if kind in ("base", "sld"):
-            conditions.append(Condition(kind, sld_concept=sld_concept, sld_preset=sld_preset) if kind == "sld"
-                              else Condition(kind))
+            conditions.append(EvalCondition(kind, sld_concept=sld_concept, sld_preset=sld_preset) if kind == "sld"
+                              else EvalCondition(kind))
         else:
-            conditions += [Condition(kind, tuple(s), scale, transport_metric, power) for s in membrane_sets]
+            conditions += [EvalCondition(kind, tuple(s), scale, transport_metric, power) for s in membrane_sets]
     return conditions
 
 

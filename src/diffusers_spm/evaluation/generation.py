@@ -103,7 +103,7 @@ def _save(image: Any, path: Path) -> None:
 
 
 @torch.no_grad()
-def generate_images(
+def generate_to_folder(
     pipe: DiffusionPipeline,
     jobs: Sequence[PromptJob],
     folder: str | Path,

@@ -32,7 +32,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from tqdm.auto import tqdm
 
 from ..layers import bank_of, layer_shape
-from ..membrane import Membrane, MembraneModule
+from ..membrane import LowRankPair, Membrane
 from ..model import MembraneController, architecture_of
 from ..transport import TransportConfig
 from ..utils import flatten, torch_dtype
@@ -131,7 +131,7 @@ class MembraneTrainer:
             down, up = torch.empty(shape.down(rank)), torch.zeros(shape.up(rank))
             # As kohya/the reference: Kaiming-uniform down, zero up, so training starts at the base model.
             torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=self.generator)
-            modules[name] = MembraneModule(down=down, up=up, alpha=alpha)
+            modules[name] = LowRankPair(down=down, up=up, alpha=alpha)
         neutrals = {c.neutral for c in self.concepts}
         membrane = Membrane(
             modules=modules, concepts=[c.target for c in self.concepts],
@@ -159,7 +159,8 @@ class MembraneTrainer:
         return torch.optim.AdamW(self.params, lr=train.lr, **train.optimizer_args)
 
     # ------------------------------------------------------------------ membrane switch
-    def membrane(self, on: bool) -> contextlib.AbstractContextManager[None]:
+    def membrane_enabled(self, on: bool) -> contextlib.AbstractContextManager[None]:
+        """The membrane switched on (or off) for a block: the UNet calls with and without it."""
         return self.controller.switched(on)
 
     # ------------------------------------------------------------------ one iteration
@@ -215,7 +216,7 @@ class MembraneTrainer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, plan in enumerate(plans):
             groups.setdefault(tuple(plan.latents.shape[1:]), []).append(index)
-        with self.membrane(True), self.controller.call_scope():
+        with self.membrane_enabled(True), self.controller.call_scope():
             for members in groups.values():
                 for index, latents in zip(members, self._denoise_together([plans[i] for i in members])):
                     results[index] = latents
@@ -244,8 +245,9 @@ class MembraneTrainer:
             latents[active] = self.scheduler.step(guided, timestep, current).prev_sample
         return list(latents.split(rows))
 
-    def losses(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
-        """Steps 2-3: the UNet calls at the loss timestep, the losses, and (by default) their backward."""
+    def forward_backward(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
+        """Steps 2-3: the UNet calls at the loss timestep, the losses and (unless `backward=False`) their
+        backward pass, which leaves the gradients in the membrane's parameters."""
         concept = self.concepts[plan.concept]
         timestep = self.loss_timesteps[int(plan.steps * len(self.loss_timesteps) / self.config.train.max_denoising_steps)]
         alpha_prod = self.scheduler.alphas_cumprod[int(timestep)]
@@ -264,10 +266,10 @@ class MembraneTrainer:
         if self.config.train.batch_unet_calls:
             off_rows = [positive, neutral] + ([plan.anchors] if anchored else [])
             off_latents = [latents, latents] + ([anchor_latents] if anchored else [])
-            with torch.no_grad(), self.membrane(False):
+            with torch.no_grad(), self.membrane_enabled(False):
                 off = eps(torch.cat(off_latents), Conditioning.cat(off_rows)).split([len(r) for r in off_rows])
             on_rows = [target] + ([plan.anchors] if anchored else [])
-            with self.membrane(True):
+            with self.membrane_enabled(True):
                 on = eps(torch.cat([latents] + ([anchor_latents] if anchored else [])), Conditioning.cat(on_rows))
             on = on.split([len(r) for r in on_rows])
             outputs = (on[0], off[0], off[1], on[1] if anchored else None, off[2] if anchored else None)
@@ -280,15 +282,15 @@ class MembraneTrainer:
                 eps_uncond, eps_text = eps(torch.cat([rows_latents, rows_latents]), pair).chunk(2)
                 return eps_uncond + 1.0 * (eps_text - eps_uncond)
 
-            with torch.no_grad(), self.membrane(False):
+            with torch.no_grad(), self.membrane_enabled(False):
                 eps_positive = reference_call(latents, positive)
                 eps_neutral = reference_call(latents, neutral)
-            with self.membrane(True):
+            with self.membrane_enabled(True):
                 eps_target = reference_call(latents, target)
                 anchor_with = reference_call(anchor_latents, plan.anchors) if anchored else None
             anchor_without = None
             if anchored:
-                with torch.no_grad(), self.membrane(False):
+                with torch.no_grad(), self.membrane_enabled(False):
                     anchor_without = reference_call(anchor_latents, plan.anchors)
             outputs = (eps_target, eps_positive, eps_neutral, anchor_with, anchor_without)
 
@@ -296,7 +298,7 @@ class MembraneTrainer:
         losses = spm_losses(*outputs[:3], eta=eta, anchor_with=outputs[3], anchor_without=outputs[4],
                             la_strength=concept.la_strength)
         if backward:
-            with self.membrane(True):  # gradient checkpointing recomputes the forward during backward
+            with self.membrane_enabled(True):  # gradient checkpointing recomputes the forward during backward
                 losses["loss"].backward()
         return losses
 
@@ -312,7 +314,7 @@ class MembraneTrainer:
     def step(self) -> dict[str, float]:
         """One optimisation step; returns the loss terms and the learning rate."""
         plan, latents = self.next_plan()
-        losses = self.losses(plan, latents)
+        losses = self.forward_backward(plan, latents)
         if self.config.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         self.optimizer.step()
@@ -450,7 +452,7 @@ def _samples(trainer: MembraneTrainer, config: TrainingConfig, run_name: str, st
     out = Path(config.save.path) / "samples" / run_name
     out.mkdir(parents=True, exist_ok=True)
     images = {}
-    with trainer.membrane(True):
+    with trainer.membrane_enabled(True):
         for index, prompt in enumerate(log.prompts):
             generator = torch.Generator(trainer.device).manual_seed(log.seed) if log.seed is not None else None
             result = trainer.pipe(prompt, negative_prompt=log.negative_prompt or None, width=log.width,

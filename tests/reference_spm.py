@@ -3,7 +3,7 @@
 The reference patches each target layer's forward to `org_forward(x) + up(down(x)) * multiplier *
 alpha / rank`, with `down`/`up` as Linear (or Conv2d with the base kernel / 1x1) modules. With
 Facilitated Transport it multiplies every tensor of each membrane by the membrane's rate and
-sums the membranes tensor by tensor (DESIGN.md §1). The tests and the benchmark compare against it.
+sums the membranes tensor by tensor (docs/transport.md). The tests and the benchmark compare against it.
 """
 
 from __future__ import annotations

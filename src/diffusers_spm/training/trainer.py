@@ -1,4 +1,4 @@
-"""The SPM training loop (DESIGN.md §1), one trainer for SD 1.x, 2.x and XL.
+"""The SPM training loop (docs/training.md), one trainer for SD 1.x, 2.x and XL.
 
 One iteration, for a concept drawn at random:
 1. draw `k` in [1, T); denoise fresh noise for `k` DDIM steps with the membrane on (CFG on the

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from diffusers_spm.architectures import unet_config  # noqa: E402
-from diffusers_spm.model import MembraneController, membrane_targets  # noqa: E402
+from diffusers_spm.controller import MembraneController, membrane_targets  # noqa: E402
 from diffusers_spm.transport import TransportConfig  # noqa: E402
 from diffusers_spm.utils import DTYPES  # noqa: E402
 from reference_spm import apply_reference, random_membrane, remove_reference  # noqa: E402

@@ -2,7 +2,7 @@
 
 from .layers import MembraneBank, MembraneLayerHook
 from .membrane import LowRankPair, Membrane, MembraneFormatError
-from .model import MembraneController, membrane_targets
+from .controller import MembraneController, membrane_targets
 from .pipeline import (
     SPMPipelineMixin,
     StableDiffusionImg2ImgSPMPipeline,

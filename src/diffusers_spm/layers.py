@@ -23,7 +23,7 @@ from .hooks import add_hook, remove_hook
 from .membrane import LowRankPair
 
 if TYPE_CHECKING:
-    from .model import ForwardGates, MembraneController
+    from .controller import ForwardGates, MembraneController
 
 MEMBRANE_HOOK = "spm_membrane"
 BANK_ATTRIBUTE = "spm_membranes"

@@ -3,7 +3,7 @@
 A membrane is a set of low-rank (rank-1 in the paper) `down`/`up` pairs, one per adapted layer,
 keyed by the reference implementation's kohya-style layer name (`lora_unet_<module path with dots
 replaced by underscores>`). Those names are ambiguous to parse, so they are only ever resolved
-against a real module tree (see `diffusers_spm.model.membrane_targets`).
+against a real module tree (see `diffusers_spm.controller.membrane_targets`).
 
 Two file layouts are read and written:
 

@@ -29,7 +29,7 @@ from diffusers import (
 
 from .hub import resolve_membrane
 from .membrane import Membrane
-from .model import MembraneController
+from .controller import MembraneController
 from .transport import Metric, TransportConfig
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..layers import bank_of, layer_shape
 from ..membrane import LowRankPair, Membrane
-from ..model import MembraneController, architecture_of
+from ..controller import MembraneController, architecture_of
 from ..transport import TransportConfig
 from ..utils import flatten, torch_dtype
 from .anchors import sample_anchor_embeddings

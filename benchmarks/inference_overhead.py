@@ -30,12 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from diffusers_spm.architectures import unet_config  # noqa: E402
-from diffusers_spm.model import MembraneController, membrane_targets  # noqa: E402
+from diffusers_spm.controller import MembraneController, membrane_targets  # noqa: E402
 from diffusers_spm.transport import TransportConfig  # noqa: E402
+from diffusers_spm.utils import DTYPES  # noqa: E402
 from reference_spm import apply_reference, random_membrane, remove_reference  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def seconds(fn: Callable[[], object], device: str) -> float:
@@ -88,7 +87,7 @@ def main() -> None:
             controller = MembraneController.of(unet, create=True)
             for i, membrane in enumerate(membranes):
                 controller.add(f"m{i}", membrane, dtype=dtype)
-            controller.transport = TransportConfig(enabled=False)
+            controller.set_transport(TransportConfig(enabled=False))
             single = torch.rand(n) + 0.1  # one prompt: CFG rows share gates
             mixed = torch.rand(2, n) + 0.1  # two prompts: one row each
             controller.row_gates = lambda sample, text: single  # as transport would rate the rows

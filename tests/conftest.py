@@ -90,6 +90,24 @@ def tiny_sdxl_pipeline(seed: int = 0, cls=StableDiffusionXLSPMPipeline):
     return pipe
 
 
+def recorded_gates(pipe) -> list[torch.Tensor]:
+    """The [rows, membranes] gates the membrane layers apply in each later UNet forward, read by a plain
+    torch pre-hook on one adapted layer through the controller's public `current` (nothing patched)."""
+    from diffusers_spm import MembraneController
+
+    controller = MembraneController.of(pipe.unet)
+    _, layer = next(iter(controller.targets.values()))
+    seen: list[torch.Tensor] = []
+
+    def record(module, args):
+        forward = controller.current
+        gates = torch.zeros(len(controller.names)) if forward.off else forward.gates.cpu()
+        seen.append(gates.expand(args[0].shape[0], -1) if gates.dim() == 1 else gates)
+
+    layer.register_forward_pre_hook(record)
+    return seen
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline()

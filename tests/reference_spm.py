@@ -3,7 +3,7 @@
 The reference patches each target layer's forward to `org_forward(x) + up(down(x)) * multiplier *
 alpha / rank`, with `down`/`up` as Linear (or Conv2d with the base kernel / 1x1) modules. With
 Facilitated Transport it multiplies every tensor of each membrane by the membrane's rate and
-sums the membranes tensor by tensor (DESIGN.md §1). The tests and the benchmark compare against it.
+sums the membranes tensor by tensor (docs/transport.md). The tests and the benchmark compare against it.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def remove_reference(layers: list[ReferenceLayer]) -> None:
 def random_membrane(unet: nn.Module, concepts: list[str], seed: int, std: float = 0.05, rank: int = 1,
                     alpha: float = 1.0, only: Mapping[str, object] | None = None) -> Membrane:
     """A membrane of random weights for every adapted layer of `unet` (reference shapes)."""
-    from diffusers_spm import MembraneModule
+    from diffusers_spm import LowRankPair
 
     g = torch.Generator().manual_seed(seed)
     modules = {}
@@ -91,5 +91,5 @@ def random_membrane(unet: nn.Module, concepts: list[str], seed: int, std: float 
         else:
             down = torch.randn(rank, base.in_features, generator=g) * std
             up = torch.randn(base.out_features, rank, generator=g) * std
-        modules[name] = MembraneModule(down=down, up=up, alpha=alpha)
+        modules[name] = LowRankPair(down=down, up=up, alpha=alpha)
     return Membrane(modules=modules, concepts=concepts)

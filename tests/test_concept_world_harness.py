@@ -18,7 +18,7 @@ from diffusers_spm.concept_world import (
 )
 from diffusers_spm.concept_world.harness import concept_world_task
 from diffusers_spm.concept_world.model import weights_available
-from diffusers_spm.evaluation.conditions import Condition
+from diffusers_spm.evaluation.conditions import EvalCondition
 from diffusers_spm.evaluation.runner import evaluate
 from reference_spm import random_membrane
 
@@ -38,8 +38,8 @@ def test_harness_reproduces_the_world_figures(tmp_path):
     pipe.unload_spm()
 
     task = concept_world_task(judge, world, ["red"], COUNTS)
-    spm = Condition("spm", (str(tmp_path / "red.safetensors"),))
-    result = evaluate(pipe, task, [Condition("base"), spm], tmp_path / "eval")
+    spm = EvalCondition("spm", (str(tmp_path / "red.safetensors"),))
+    result = evaluate(pipe, task, [EvalCondition("base"), spm], tmp_path / "eval")
     assert len(task.jobs) == 6 + 14
     for name, condition in (("base", "base"), ("spm", spm.name)):
         scores = result.results[condition]

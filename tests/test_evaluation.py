@@ -23,7 +23,7 @@ from diffusers_spm.cli import main
 from diffusers_spm.grids import CAPTION_LINES, LINE_HEIGHT, ROW_LABEL_WIDTH
 from diffusers_spm.evaluation import (
     IMAGENET_TEMPLATES,
-    Condition,
+    EvalCondition,
     GenerationSettings,
     PromptJob,
     Sample,
@@ -142,8 +142,8 @@ def test_i2p_from_the_hub_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_general_task_membranes_resume_and_report(pipe, assets: dict[str, str], tmp_path: Path) -> None:
     task = build_task("general", concepts=["cat"], limit=2, images_per_prompt=1, clip_model=assets["clip"], **FAST)
     assert [j.prompt for j in task.jobs] == [t.format("cat") for t in IMAGENET_TEMPLATES[:2]]
-    conditions = [Condition("base"), Condition("spm", (assets["zero"],)), Condition("spm", (assets["strong"],)),
-                  Condition("spm-no-transport", (assets["strong"],))]
+    conditions = [EvalCondition("base"), EvalCondition("spm", (assets["zero"],)), EvalCondition("spm", (assets["strong"],)),
+                  EvalCondition("spm-no-transport", (assets["strong"],))]
     result = evaluate(pipe, task, conditions, tmp_path)
     assert set(result.results) == {"base", "spm[zero]", "spm[strong]", "spm-no-transport[strong]"}
     assert set(result.generated.values()) == {2}
@@ -184,7 +184,7 @@ def test_artwork_clip_score_against_prompt_or_concept(pipe, assets: dict[str, st
         task = build_task("artwork", prompts=assets["artwork"], concepts=concept, images_per_prompt=2,
                           clip_model=assets["clip"], **FAST)
         assert [j.seed for j in task.jobs] == [11, 12, 12, 13] and len({j.file_name for j in task.jobs}) == 4
-        result = evaluate(pipe, task, [Condition("base")], tmp_path, report=False)
+        result = evaluate(pipe, task, [EvalCondition("base")], tmp_path, report=False)
         assert in_range(result.results["base"]["clip_score"], 0, 100)
         assert result.generated["base"] == (0 if concept else 4)  # the second pass reuses the images
         assert "clip_accuracy" not in result.results["base"]
@@ -207,7 +207,7 @@ def test_coco_fid_kid_against_base_and_real(pipe, assets: dict[str, str], tmp_pa
     task = build_task("coco", prompts=assets["coco"], limit=2, clip_model=assets["clip"], fid_feature=TinyFeatures(),
                       real_images=assets["real"], **FAST)
     assert task.headline == "fid_real" and task.jobs[0].width is None  # --size overrides the CSV's sizes
-    conditions = [Condition("spm", (assets["zero"],)), Condition("spm-no-transport", (assets["strong"],))]
+    conditions = [EvalCondition("spm", (assets["zero"],)), EvalCondition("spm-no-transport", (assets["strong"],))]
     result = evaluate(pipe, task, conditions, tmp_path)
     assert list(result.results) == ["base", "spm[zero]", "spm-no-transport[strong]"]  # base added: FID needs it
     for scores in result.results.values():
@@ -230,7 +230,7 @@ def test_alteration_transport_lora_and_sld(pipe, assets: dict[str, str], tmp_pat
     assert result["lora[strong]"] == pytest.approx(result["spm-no-transport[strong]"], rel=0.01)
     assert result["sld"] > 0
     # Every condition was removed again: the base pipeline still makes the base images.
-    assert evaluate(pipe, task, [Condition("base")], tmp_path / "again").results["base"]["alteration"] == 0.0
+    assert evaluate(pipe, task, [EvalCondition("base")], tmp_path / "again").results["base"]["alteration"] == 0.0
     assert (np.asarray(Image.open(tmp_path / "again/images/base" / task.jobs[0].file_name)) ==
             np.asarray(Image.open(tmp_path / "images/base" / task.jobs[0].file_name))).all()
 
@@ -248,7 +248,7 @@ def test_custom_task_with_a_judge_metric(pipe, tmp_path: Path) -> None:
     jobs = [PromptJob(index=i, prompt=f"a {c} square", seed=i, meta={"concept": c}) for i, c in enumerate(["red", "blue"])]
     task = Task("world", jobs, [BrightnessJudge()], headline="judge_brightness", goal="a toy judge",
                 settings=GenerationSettings(num_inference_steps=2, width=32, height=32, batch_size=2))
-    result = evaluate(pipe, task, [Condition("base")], tmp_path)
+    result = evaluate(pipe, task, [EvalCondition("base")], tmp_path)
     assert in_range(result.results["base"]["judge_brightness"], 0, 1)
     assert "| base |" in (tmp_path / "summary.md").read_text()
 

@@ -16,7 +16,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from conftest import tiny_pipeline, tiny_sdxl_pipeline
+from conftest import recorded_gates, tiny_pipeline, tiny_sdxl_pipeline
 from diffusers_spm import MembraneController, add_spm_support
 from diffusers_spm.pipeline import StableDiffusionImg2ImgSPMPipeline, StableDiffusionXLImg2ImgSPMPipeline
 from reference_spm import random_membrane
@@ -119,14 +119,6 @@ ROUTES = {
 }
 
 
-def recording_gates(pipe) -> list[torch.Tensor]:
-    """Every UNet forward's gates, through the controller's public `row_gates`."""
-    controller = MembraneController.of(pipe.unet)
-    seen, original = [], controller.row_gates
-    controller.row_gates = lambda sample, text: seen.append(original(sample, text)) or seen[-1]
-    return seen
-
-
 @pytest.mark.parametrize("xl", [False, True], ids=["sd1", "sdxl"])
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_every_route_gets_the_prompts_gates_and_images(route, xl, tmp_path):
@@ -135,7 +127,7 @@ def test_every_route_gets_the_prompts_gates_and_images(route, xl, tmp_path):
     pipe.load_spm(tmp_path / "snoopy.safetensors")
     pipe.set_spm_transport(True, metric="tokenuni")  # 0 or 1 per row: the embedding cosine would give ~0.9
     run, reference = ROUTES[route]
-    gates = recording_gates(pipe)
+    gates = recorded_gates(pipe)
     expected = reference(pipe, xl)
     gates.clear()
     images = run(pipe, xl)
@@ -154,7 +146,7 @@ def test_sdxl_concept_in_prompt_2_raises_the_gate(tmp_path):
     pipe = tiny_sdxl_pipeline()
     random_membrane(pipe.unet, ["snoopy"], seed=1).save(tmp_path / "s.safetensors")
     pipe.load_spm(tmp_path / "s.safetensors")
-    gates = recording_gates(pipe)
+    gates = recorded_gates(pipe)
     pipe("a red car", prompt_2="a photo of snoopy", num_inference_steps=1, height=SIZE, width=SIZE)
     pipe("a red car", num_inference_steps=1, height=SIZE, width=SIZE)
     assert gates[0][0].item() == pytest.approx(1.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_pipeline, tiny_unet
+from conftest import recorded_gates, tiny_pipeline, tiny_unet
 from diffusers_spm import Membrane, MembraneController
 from diffusers_spm.transport import tokensim, tokenuni
 from reference_spm import apply_reference, random_membrane, remove_reference
@@ -155,12 +155,9 @@ def test_one_call_with_several_prompts_equals_separate_calls(pipe, tmp_path):
 def test_cfg_rows_follow_their_prompt_by_default(pipe, snoopy):
     _, path = snoopy
     pipe.load_spm(path)
-    controller = MembraneController.of(pipe.unet)
-    seen = []
-    original = controller._forward_gates
-    controller._forward_gates = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    seen = recorded_gates(pipe)
     generate(pipe, ["a photo of snoopy", "a red car"], num_images_per_prompt=2, num_inference_steps=1)
-    gates = seen[0].gates[:, 0]
+    gates = seen[0][:, 0]
     assert gates.shape == (8,)
     torch.testing.assert_close(gates[:4], gates[4:])  # [uncond rows, cond rows]
     assert gates[4] == gates[5] and gates[6] == gates[7] and gates[4] > gates[6]
@@ -168,7 +165,7 @@ def test_cfg_rows_follow_their_prompt_by_default(pipe, snoopy):
     pipe.set_spm_transport(True, cfg_rows="own")
     seen.clear()
     generate(pipe, ["a photo of snoopy", "a red car"], num_images_per_prompt=2, num_inference_steps=1)
-    own = seen[0].gates[:, 0]
+    own = seen[0][:, 0]
     rate_empty = pipe.get_spm_transport_rates("")["snoopy"][0]
     torch.testing.assert_close(own[:4], torch.full((4,), rate_empty ** 2))
 
@@ -251,8 +248,12 @@ def test_eoscos_rates_compare_end_of_text_outputs(pipe, snoopy):
     for i in range(2):
         expected = torch.cosine_similarity(pooled[i], pooled[2], dim=0).clamp(0, 1).item()
         assert rates[i] == pytest.approx(expected, abs=1e-5)
-    flattened = pipe.get_spm_transport_rates(prompts)  # still eoscos: settings persist
-    assert flattened["snoopy"] == rates
+    pipe.set_spm_transport(True, metric="clipcos")  # the reference's cosine: flattened, padding included
+    flattened = pipe.get_spm_transport_rates(prompts)["snoopy"]
+    for i in range(2):
+        expected = torch.cosine_similarity(embeds[i].flatten(), embeds[2].flatten(), dim=0).clamp(0, 1).item()
+        assert flattened[i] == pytest.approx(expected, abs=1e-5)
+        assert flattened[i] != pytest.approx(rates[i], abs=1e-3)  # eoscos really reads other features
     pipe.set_spm_transport(True, metric="eoscos_tokenuni")
     assert pipe.get_spm_transport_rates(prompts)["snoopy"][1] == pytest.approx(1.0)  # token overlap
 
@@ -291,3 +292,59 @@ def test_tokensim_rates_a_synonym_by_its_word_embedding(pipe, snoopy):
     normed = torch.nn.functional.normalize(table[words].detach(), dim=-1)
     best = (normed @ torch.nn.functional.normalize(table[snoopy_id].detach(), dim=0)).max().clamp(min=0).item()
     assert rates[2] == pytest.approx(best, abs=1e-5)
+
+
+def test_settings_change_only_through_the_controller_and_invalidate_merged_weights(pipe, snoopy):
+    from diffusers_spm import TransportConfig
+
+    _, path = snoopy
+    pipe.load_spm(path)
+    controller = MembraneController.of(pipe.unet)
+    for attribute in ("enabled", "transport"):
+        with pytest.raises(AttributeError):
+            setattr(controller, attribute, getattr(controller, attribute))
+    changes = [
+        lambda: pipe.set_spm_transport(TransportConfig(enabled=False, power=1.0)),
+        lambda: pipe.set_spm_transport(True, metric="clipcos"),
+        lambda: pipe.set_spm_scale(0.5),
+        pipe.disable_spm,
+        pipe.enable_spm,
+        controller.weights_changed,
+    ]
+    for change in changes:
+        version = controller.version
+        change()
+        assert controller.version > version
+    assert controller.transport == TransportConfig(enabled=True, metric="clipcos")
+    with pytest.raises(TypeError, match="not both"):
+        pipe.set_spm_transport(TransportConfig(), metric="tokenuni")
+    with controller.switched(False):
+        assert not controller.enabled and pipe.get_active_spms() == []
+    assert controller.enabled and pipe.get_active_spms() == ["snoopy"]
+
+
+def test_spm_applied_removes_only_its_own_membranes(pipe, snoopy, tmp_path):
+    from diffusers_spm import TransportConfig
+    from diffusers_spm.concept_world.experiments import Condition, applied
+
+    _, path = snoopy
+    random_membrane(pipe.unet, ["van gogh"], seed=2).save(tmp_path / "van_gogh.safetensors")
+    pipe.load_spm(path, adapter_name="mine", scale=0.7)
+    pipe.set_spm_transport(True, metric="tokenuni", floor=0.1)
+    mine = pipe.get_spm_transport_rates(PROMPTS)
+    before = generate(pipe, PROMPTS[0])
+    block = TransportConfig(enabled=True, metric="clipcos")
+    with pipe.spm_applied([tmp_path / "van_gogh.safetensors"], scale=0.5, transport=block) as names:
+        assert names == ["van_gogh"] and pipe.get_active_spms() == ["mine", "van_gogh"]
+        assert MembraneController.of(pipe.unet).transport == block
+        assert abs(generate(pipe, PROMPTS[0]) - before).max() > 1e-4
+    with pytest.raises(RuntimeError, match="inside"):
+        with pipe.spm_applied([tmp_path / "van_gogh.safetensors"]):
+            raise RuntimeError("inside")
+    with applied(pipe, Condition("other", [tmp_path / "van_gogh.safetensors"], metric="eoscos")):
+        assert pipe.get_active_spms() == ["mine", "m0"]
+    controller = MembraneController.of(pipe.unet)
+    assert pipe.get_active_spms() == ["mine"] and controller.adapters["mine"].scale == 0.7
+    assert controller.transport == TransportConfig(enabled=True, metric="tokenuni", floor=0.1)
+    assert pipe.get_spm_transport_rates(PROMPTS) == mine
+    assert abs(generate(pipe, PROMPTS[0]) - before).max() == 0

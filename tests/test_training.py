@@ -61,7 +61,7 @@ def test_training_lowers_erase_loss_and_keeps_anchor_loss_small(tmp_path):
     trainer.generator.manual_seed(0)
 
     def evaluate():
-        losses = [trainer.losses(p, x, backward=False) for p, x in zip(plans, latents)]
+        losses = [trainer.forward_backward(p, x, backward=False) for p, x in zip(plans, latents)]
         return [sum(float(l[k].detach()) for l in losses) / len(losses) for k in ("erase", "anchor")]
 
     erase_before, anchor_before = evaluate()

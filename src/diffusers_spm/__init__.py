@@ -1,8 +1,8 @@
 """diffusers-spm: Concept Semi-Permeable Membranes (SPM, CVPR 2024) for diffusers pipelines."""
 
 from .layers import MembraneBank, MembraneLayerHook
-from .membrane import Membrane, MembraneFormatError, MembraneModule
-from .model import MembraneController, membrane_targets
+from .membrane import LowRankPair, Membrane, MembraneFormatError
+from .controller import MembraneController, membrane_targets
 from .pipeline import (
     SPMPipelineMixin,
     StableDiffusionImg2ImgSPMPipeline,
@@ -12,17 +12,17 @@ from .pipeline import (
     StableDiffusionXLSPMPipeline,
     add_spm_support,
 )
-from .transport import TransportConfig, TransportRate
+from .transport import TransportConfig, TransportScorer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LowRankPair",
     "Membrane",
     "MembraneBank",
     "MembraneController",
     "MembraneFormatError",
     "MembraneLayerHook",
-    "MembraneModule",
     "SPMPipelineMixin",
     "StableDiffusionImg2ImgSPMPipeline",
     "StableDiffusionInpaintSPMPipeline",
@@ -30,7 +30,7 @@ __all__ = [
     "StableDiffusionXLImg2ImgSPMPipeline",
     "StableDiffusionXLSPMPipeline",
     "TransportConfig",
-    "TransportRate",
+    "TransportScorer",
     "add_spm_support",
     "membrane_targets",
 ]

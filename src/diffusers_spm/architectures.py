@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .membrane import Membrane, MembraneFormatError
-from .model import membrane_targets
+from .controller import membrane_targets
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl")
 

@@ -10,12 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub.errors import HFValidationError
 
+from .utils import torch_dtype
+
 CONCEPT_WORLD = "concept-world"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BASE_HELP = f"diffusers model folder, Hub id, or `{CONCEPT_WORLD}` (the embedded world)"
 
 
@@ -69,9 +69,7 @@ def load_base_pipeline(base: str | os.PathLike, dtype: str = "fp32", device: str
 
     from .pipeline import add_spm_support
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    pipe = from_pretrained(base, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False)
+    pipe = from_pretrained(base, torch_dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False)
     pipe = add_spm_support(pipe.to(device or PartialState().device))
     pipe.set_progress_bar_config(disable=True)
     return pipe

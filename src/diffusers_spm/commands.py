@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .bases import BASE_HELP, DTYPES, load_base_pipeline
+from .bases import BASE_HELP, load_base_pipeline
 from .membrane import PICKLE_SUFFIXES, Membrane
-from .transport import METRICS
+from .transport import METRICS, TransportConfig
+from .utils import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +55,18 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     pipe = load_base_pipeline(args.base, args.dtype, args.device)
-    for spm in args.spm:
-        pipe.load_spm(spm)
-    if args.spm:
-        pipe.set_spm_scale(args.scale)
-        pipe.set_spm_transport(not args.no_transport, metric=args.metric, power=args.power)
+    transport = TransportConfig(enabled=not args.no_transport, metric=args.metric, power=args.power)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    for index, prompt in enumerate(args.prompt):
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        images = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                      num_images_per_prompt=args.num_images, generator=generator).images
-        for j, image in enumerate(images):
-            file = output / f"{index:04d}_{args.seed}_{j}.png"
-            image.save(file)
-            logger.info("%s <- %r", file, prompt)
+    with pipe.spm_applied(args.spm, scale=args.scale, transport=transport):
+        for index, prompt in enumerate(args.prompt):
+            generator = torch.Generator(args.device).manual_seed(args.seed)
+            images = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          num_images_per_prompt=args.num_images, generator=generator).images
+            for j, image in enumerate(images):
+                file = output / f"{index:04d}_{args.seed}_{j}.png"
+                image.save(file)
+                logger.info("%s <- %r", file, prompt)
     return 0
 
 
@@ -107,8 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--prompt", action="append", required=True, help="repeatable")
     generate.add_argument("--scale", type=float, default=1.0)
     generate.add_argument("--no-transport", action="store_true", help="fixed gates instead of Facilitated Transport")
-    generate.add_argument("--metric", default="clipcos_tokenuni", choices=METRICS)
-    generate.add_argument("--power", type=float, default=2.0)
+    generate.add_argument("--metric", default=TransportConfig.metric, choices=METRICS)
+    generate.add_argument("--power", type=float, default=TransportConfig.power)
     generate.add_argument("--steps", type=int, default=30)
     generate.add_argument("--guidance", type=float, default=7.5)
     generate.add_argument("--num-images", type=int, default=1)

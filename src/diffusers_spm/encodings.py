@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch import nn
+
+from .hooks import add_hook, get_hook, remove_hook
 
 TEXT_ENCODER_HOOK = "spm_text_encoder"
 _encodings = itertools.count(1)
@@ -141,11 +143,9 @@ class TextEncoderHook(ModelHook):
 
 def observe(encoder: nn.Module, special_ids: Iterable[int], end_id: int, user: int) -> TextEncoderHook:
     """Put a recording hook on `encoder` (idempotent) and count `user` among its observers."""
-    registry = HookRegistry.check_if_exists_or_initialize(encoder)
-    hook = registry.get_hook(TEXT_ENCODER_HOOK)
+    hook = get_hook(encoder, TEXT_ENCODER_HOOK)
     if hook is None:
-        hook = TextEncoderHook(special_ids, end_id)
-        registry.register_hook(hook, TEXT_ENCODER_HOOK)
+        hook = add_hook(encoder, TextEncoderHook(special_ids, end_id), TEXT_ENCODER_HOOK)
     hook.users.add(user)
     return hook
 
@@ -153,15 +153,8 @@ def observe(encoder: nn.Module, special_ids: Iterable[int], end_id: int, user: i
 def unobserve(hook: TextEncoderHook, user: int) -> None:
     """Drop `user`; the last one out removes the hook, leaving the encoder as it was."""
     hook.users.discard(user)
-    encoder = hook.module
-    if hook.users or encoder is None:
-        return
-    registry = encoder._diffusers_hook
-    registry.remove_hook(TEXT_ENCODER_HOOK, recurse=False)
-    restored = encoder.__dict__.get("forward")
-    if not registry.hooks and getattr(restored, "__func__", None) is type(encoder).forward:
-        del encoder._diffusers_hook
-        del encoder.forward
+    if not hook.users and hook.module is not None:
+        remove_hook(hook.module, TEXT_ENCODER_HOOK)
 
 
 def describe(text: torch.Tensor, encoders: Sequence[TextEncoderHook]) -> list[TextRow | None]:

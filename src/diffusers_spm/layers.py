@@ -12,20 +12,48 @@ been fused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch import nn
 
-from .membrane import MembraneModule
+from .hooks import add_hook, remove_hook
+from .membrane import LowRankPair
 
 if TYPE_CHECKING:
-    from .model import ForwardGates, MembraneController
+    from .controller import ForwardGates, MembraneController
 
 MEMBRANE_HOOK = "spm_membrane"
 BANK_ATTRIBUTE = "spm_membranes"
+
+
+class LayerShape(NamedTuple):
+    """What a membrane's tensors must look like to adapt one base layer."""
+
+    in_shape: tuple[int, ...]  # (in_features,) or (in_channels, kh, kw)
+    out_features: int
+    is_conv: bool
+
+    def down(self, rank: int) -> tuple[int, ...]:
+        return (rank, *self.in_shape)
+
+    def up(self, rank: int) -> tuple[int, ...]:
+        """The reference's `lora_up` shape: `[out, r]`, or `[out, r, 1, 1]` for a convolution."""
+        return (self.out_features, rank, 1, 1) if self.is_conv else (self.out_features, rank)
+
+
+def layer_shape(base: nn.Linear | nn.Conv2d) -> LayerShape:
+    """The membrane shapes of a base layer: the one rule the bank, the compatibility check and the trainer use."""
+    if isinstance(base, nn.Conv2d):
+        return LayerShape((base.in_channels, *base.kernel_size), base.out_channels, True)
+    return LayerShape((base.in_features,), base.out_features, False)
+
+
+def bank_of(base: nn.Module) -> "MembraneBank | None":
+    """The membrane bank attached to `base`, if any."""
+    return getattr(base, BANK_ATTRIBUTE, None)
 
 
 class MembraneBank(nn.Module):
@@ -38,16 +66,15 @@ class MembraneBank(nn.Module):
 
     def __init__(self, base: nn.Linear | nn.Conv2d) -> None:
         super().__init__()
-        self.is_conv = isinstance(base, nn.Conv2d)
-        in_shape = (base.in_channels, *base.kernel_size) if self.is_conv else (base.in_features,)
-        out_features = base.out_channels if self.is_conv else base.out_features
+        shape = layer_shape(base)
+        self.is_conv = shape.is_conv
+        self.in_shape = shape.in_shape
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.in_shape: tuple[int, ...] = in_shape
         self.names: list[str] = []
         self.ranks: list[int] = []
         self.alphas: list[float] = []
-        self.down = nn.Parameter(torch.empty(0, *in_shape, **factory), requires_grad=False)
-        self.up = nn.Parameter(torch.empty(out_features, 0, **factory), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(shape.down(0), **factory), requires_grad=False)
+        self.up = nn.Parameter(torch.empty(shape.out_features, 0, **factory), requires_grad=False)
         self.register_buffer("row_scale", torch.empty(0, device=base.weight.device), persistent=False)
         self.register_buffer("row_owner", torch.empty(0, dtype=torch.long, device=base.weight.device), persistent=False)
         self.register_buffer("fused_original", None, persistent=False)
@@ -62,12 +89,7 @@ class MembraneBank(nn.Module):
         return
 
     # ------------------------------------------------------------------ membership
-    def expected_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """`down` and `up` shapes of a rank-1 membrane for this layer, without the rank."""
-        up_tail = (1, 1) if self.is_conv else ()
-        return self.in_shape, (self.up.shape[0], *up_tail)
-
-    def add(self, name: str, module: MembraneModule, dtype: torch.dtype | None = None) -> None:
+    def add(self, name: str, module: LowRankPair, dtype: torch.dtype | None = None) -> None:
         down = module.down.to(self.down.device, dtype or self.down.dtype)
         up = module.up.reshape(module.up.shape[0], module.rank).to(self.up.device, dtype or self.up.dtype)
         requires_grad = self.down.requires_grad
@@ -88,7 +110,7 @@ class MembraneBank(nn.Module):
         self.row_scale = self.row_scale[keep.to(self.row_scale.device)]
         del self.names[index], self.ranks[index], self.alphas[index]
 
-    def module(self, name: str) -> MembraneModule:
+    def pair(self, name: str) -> LowRankPair:
         """One membrane's weights, back in the reference shapes."""
         index = self.names.index(name)
         start, rank = sum(self.ranks[:index]), self.ranks[index]
@@ -96,7 +118,7 @@ class MembraneBank(nn.Module):
         up = self.up.detach()[:, start : start + rank].clone()
         if self.is_conv:
             up = up[:, :, None, None]
-        return MembraneModule(down=down, up=up, alpha=self.alphas[index])
+        return LowRankPair(down=down, up=up, alpha=self.alphas[index])
 
     def index_rows(self, order: list[str]) -> None:
         """Point each row at its membrane's position in the controller's gate vector."""
@@ -196,25 +218,18 @@ class MembraneLayerHook(ModelHook):
 
 def attach_bank(base: nn.Module, controller: "MembraneController") -> MembraneBank:
     """Give `base` a bank and a hook (idempotent) and return the bank."""
-    bank = getattr(base, BANK_ATTRIBUTE, None)
+    bank = bank_of(base)
     if bank is None:
         bank = MembraneBank(base)
         base.add_module(BANK_ATTRIBUTE, bank)
-        HookRegistry.check_if_exists_or_initialize(base).register_hook(MembraneLayerHook(bank, controller), MEMBRANE_HOOK)
+        add_hook(base, MembraneLayerHook(bank, controller), MEMBRANE_HOOK)
     return bank
 
 
 def detach_bank(base: nn.Module) -> None:
     """Remove the hook and the bank; the base layer is as it was before `attach_bank`."""
-    bank = getattr(base, BANK_ATTRIBUTE, None)
+    bank = bank_of(base)
     if bank is not None:
         bank.unfuse(base)
         delattr(base, BANK_ATTRIBUTE)
-    registry = getattr(base, "_diffusers_hook", None)
-    if registry is not None:
-        registry.remove_hook(MEMBRANE_HOOK, recurse=False)
-        restored = base.__dict__.get("forward")
-        if not registry.hooks and getattr(restored, "__func__", None) is type(base).forward:
-            # The registry left the class's own forward behind as an instance attribute: tidy it away.
-            del base._diffusers_hook
-            del base.forward
+    remove_hook(base, MEMBRANE_HOOK)

@@ -3,7 +3,7 @@
 A membrane is a set of low-rank (rank-1 in the paper) `down`/`up` pairs, one per adapted layer,
 keyed by the reference implementation's kohya-style layer name (`lora_unet_<module path with dots
 replaced by underscores>`). Those names are ambiguous to parse, so they are only ever resolved
-against a real module tree (see `diffusers_spm.model.membrane_targets`).
+against a real module tree (see `diffusers_spm.controller.membrane_targets`).
 
 Two file layouts are read and written:
 
@@ -47,8 +47,9 @@ def kohya_name(module_path: str) -> str:
 
 
 @dataclass
-class MembraneModule:
-    """The low-rank pair of one adapted layer, in the shapes the reference stores.
+class LowRankPair:
+    """The low-rank `down`/`up` tensors of one adapted layer (plain tensors, not a module), in the shapes
+    the reference stores.
 
     `down` is `[r, in]` (Linear) or `[r, in, kh, kw]` (Conv2d with the base layer's kernel); `up` is
     `[out, r]` or `[out, r, 1, 1]`. The update is `up @ down * alpha / r`.
@@ -79,7 +80,7 @@ class MembraneModule:
 class Membrane:
     """One membrane: its layers, the concepts it erases and how it was made."""
 
-    modules: dict[str, MembraneModule]
+    modules: dict[str, LowRankPair]
     concepts: list[str]
     surrogate: str | None = None
     base_model: str | None = None
@@ -211,7 +212,7 @@ class Membrane:
         return cls(modules=modules, **cls._fields_from_metadata(metadata))
 
     @staticmethod
-    def _read_reference(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, MembraneModule]:
+    def _read_reference(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, LowRankPair]:
         names = sorted({k[: -len(_DOWN)] for k in state_dict if k.endswith(_DOWN)})
         unknown = [k for k in state_dict if not k.endswith((_DOWN, _UP, _ALPHA))]
         if unknown:
@@ -230,7 +231,7 @@ class Membrane:
             down, up = state_dict[name + _DOWN], state_dict[name + _UP]
             alpha_tensor = state_dict.get(name + _ALPHA)
             alpha = float(alpha_tensor) if alpha_tensor is not None else float(down.shape[0])
-            modules[name] = _checked_module(name, down, up, alpha, source)
+            modules[name] = _checked_pair(name, down, up, alpha, source)
         orphans = sorted({k[: -len(_UP)] for k in state_dict if k.endswith(_UP)} - set(names))
         if orphans:
             raise MembraneFormatError(f"{source}: {orphans[0]} has lora_up but no lora_down weight.")
@@ -239,7 +240,7 @@ class Membrane:
     @staticmethod
     def _read_diffusers(
         state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str
-    ) -> dict[str, MembraneModule]:
+    ) -> dict[str, LowRankPair]:
         adapter_meta = json.loads(metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in metadata else {}
         adapter_meta = adapter_meta.get("unet", adapter_meta)
         modules = {}
@@ -256,7 +257,7 @@ class Membrane:
             rank = down.shape[0]
             alpha = float(adapter_meta.get("alpha_pattern", {}).get(path, adapter_meta.get("lora_alpha", rank)))
             name = kohya_name(path)
-            modules[name] = _checked_module(name, down, state_dict[up_key], alpha, source)
+            modules[name] = _checked_pair(name, down, state_dict[up_key], alpha, source)
         return modules
 
     # ------------------------------------------------------------------ files
@@ -304,7 +305,7 @@ class Membrane:
         return path
 
 
-def _checked_module(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float, source: str) -> MembraneModule:
+def _checked_pair(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float, source: str) -> LowRankPair:
     if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
         raise MembraneFormatError(
             f"{source}: {name} has incompatible shapes down {tuple(down.shape)} / up {tuple(up.shape)}; "
@@ -312,4 +313,4 @@ def _checked_module(name: str, down: torch.Tensor, up: torch.Tensor, alpha: floa
         )
     if up.dim() == 4 and up.shape[2:] != (1, 1):
         raise MembraneFormatError(f"{source}: {name}.lora_up must be a 1x1 convolution, got {tuple(up.shape)}.")
-    return MembraneModule(down=down, up=up, alpha=alpha)
+    return LowRankPair(down=down, up=up, alpha=alpha)

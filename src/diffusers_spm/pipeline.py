@@ -9,11 +9,12 @@ so every route into the UNet gets the same ones. It works on any pipeline with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from diffusers import (
@@ -28,8 +29,8 @@ from diffusers import (
 
 from .hub import resolve_membrane
 from .membrane import Membrane
-from .model import MembraneController, check_scale
-from .transport import TransportConfig
+from .controller import MembraneController
+from .transport import Metric, TransportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ class SPMPipelineMixin:
         adapter_name: str | None = None,
         scale: float = 1.0,
         **hub_kwargs: Any,
-    ) -> None:
-        """Load a membrane from a file, a folder, a Hub repo id or a registry short name (`"nudity"`).
+    ) -> str:
+        """Load a membrane from a file, a folder, a Hub repo id or a registry short name (`"nudity"`);
+        returns the name it is loaded under.
 
         `adapter_name` defaults to the file's stem or the short name; a name already loaded is an
         error, as in `load_lora_weights`. On any failure the pipeline is left as it was.
@@ -54,13 +56,9 @@ class SPMPipelineMixin:
         path, default_name = resolve_membrane(pretrained_model_name_or_path, weight_name, **hub_kwargs)
         name = adapter_name or default_name
         existing = MembraneController.of(self.unet)
-        if existing is not None and name in existing.adapters:
-            raise ValueError(
-                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
-                f"`pipe.unload_spm({name!r})` first."
-            )
+        if existing is not None:
+            existing.check_new_name(name)  # before reading the file
         membrane = Membrane.from_file(path)
-        check_scale(name, scale)
         controller = MembraneController.of(self.unet, create=True)
         try:
             controller.add(name, membrane, dtype=self.unet.dtype, scale=scale)
@@ -73,6 +71,42 @@ class SPMPipelineMixin:
             if not controller.adapters:
                 controller.detach()
         logger.info("Loaded membrane %r (%s) on %d layers.", name, ", ".join(membrane.concepts), len(membrane.modules))
+        return name
+
+    @contextlib.contextmanager
+    def spm_applied(
+        self,
+        sources: str | os.PathLike | Sequence[str | os.PathLike],
+        adapter_names: Sequence[str] | None = None,
+        scale: float = 1.0,
+        transport: TransportConfig | None = None,
+        **hub_kwargs: Any,
+    ) -> Iterator[list[str]]:
+        """Membranes loaded for a block of work, then unloaded: only these, whatever else is loaded.
+
+        `sources` are what `load_spm` takes, `adapter_names` their names (default: `load_spm`'s),
+        each loaded at `scale`. `transport`, if given, holds for the block (for every loaded membrane:
+        transport is one setting per pipeline); the previous setting comes back after it. Yields the
+        names the membranes were loaded under.
+        """
+        sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+        names = list(adapter_names) if adapter_names is not None else [None] * len(sources)
+        if len(names) != len(sources):
+            raise ValueError(f"Got {len(sources)} membranes but {len(names)} adapter names.")
+        controller = MembraneController.of(self.unet)
+        previous = controller.transport if controller is not None and controller.adapters else None
+        loaded: list[str] = []
+        try:
+            for source, name in zip(sources, names):
+                loaded.append(self.load_spm(source, adapter_name=name, scale=scale, **hub_kwargs))
+            if transport is not None and loaded:
+                self.set_spm_transport(transport)
+            yield loaded
+        finally:
+            if loaded:
+                self.unload_spm(loaded)
+            if previous is not None:
+                self.set_spm_transport(previous)
 
     def unload_spm(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Remove one, several or (by default) all membranes; the UNet is returned bit for bit."""
@@ -106,19 +140,25 @@ class SPMPipelineMixin:
 
     def set_spm_transport(
         self,
-        enabled: bool = True,
-        metric: str = "clipcos_tokenuni",
-        power: float = 2.0,
-        cfg_rows: str = "paired",
-        floor: float = 0.0,
+        enabled: bool | TransportConfig = True,
+        metric: Metric | None = None,
+        power: float | None = None,
+        cfg_rows: Literal["paired", "own"] | None = None,
+        floor: float | None = None,
     ) -> None:
         """Facilitated Transport on (gates follow each prompt) or off (gates are the scales).
 
-        `floor` is the lowest rate a membrane acts with on any prompt (0, the reference, by default)."""
-        controller = self._spm_controller()
-        controller.transport = TransportConfig(enabled=enabled, metric=metric, power=power, cfg_rows=cfg_rows,
-                                               floor=floor)
-        controller.changed()
+        Pass a `TransportConfig`, or `enabled` and the settings that differ from `TransportConfig`'s
+        defaults (the reference's). `floor` is the lowest rate a membrane acts with on any prompt."""
+        settings = {k: v for k, v in {"metric": metric, "power": power, "cfg_rows": cfg_rows, "floor": floor}.items()
+                    if v is not None}
+        if isinstance(enabled, TransportConfig):
+            if settings:
+                raise TypeError(f"Pass a TransportConfig or settings, not both (got {', '.join(settings)} too).")
+            config = enabled
+        else:
+            config = TransportConfig(enabled=enabled, **settings)
+        self._spm_controller().set_transport(config)
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
         """Raw transport rates in [0, 1], per membrane and prompt (before scale and power), as the
@@ -135,19 +175,13 @@ class SPMPipelineMixin:
 
     def get_active_spms(self) -> list[str]:
         controller = MembraneController.of(self.unet)
-        if controller is None or not controller.enabled:
-            return []
-        return [n for n, s in controller.adapters.items() if s.scale > 0 and n not in controller.fused]
+        return [] if controller is None else controller.active_names()
 
     def disable_spm(self) -> None:
-        controller = self._spm_controller()
-        controller.enabled = False
-        controller.changed()
+        self._spm_controller().set_enabled(False)
 
     def enable_spm(self) -> None:
-        controller = self._spm_controller()
-        controller.enabled = True
-        controller.changed()
+        self._spm_controller().set_enabled(True)
 
     def fuse_spm(self, scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> None:
         """Bake membranes into the UNet weights at fixed gates (`scale` x their scales, no transport).
@@ -156,7 +190,6 @@ class SPMPipelineMixin:
         one copy of the adapted layers' weights while fused.
         """
         controller = self._spm_controller()
-        check_scale("fuse_spm", scale)
         controller.fuse(list(adapter_names) if adapter_names is not None else controller.names, scale)
 
     def unfuse_spm(self) -> None:

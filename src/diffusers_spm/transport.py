@@ -40,6 +40,11 @@ METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos",
 CFG_ROWS: tuple[str, ...] = ("paired", "own")
 
 
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"Unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}.")
+
+
 @dataclass(frozen=True)
 class TransportConfig:
     """How gates follow prompts. `cfg_rows="paired"` gives a CFG unconditional/negative row the gate
@@ -54,8 +59,7 @@ class TransportConfig:
     floor: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"Unknown transport metric {self.metric!r}; choose one of {', '.join(METRICS)}.")
+        check_metric(self.metric)
         if not (isinstance(self.power, (int, float)) and math.isfinite(self.power) and self.power > 0):
             raise ValueError(f"Transport power must be a finite number > 0, got {self.power!r} (2.0 is the reference).")
         if self.cfg_rows not in CFG_ROWS:
@@ -118,13 +122,12 @@ def tokensim(
     return scores
 
 
-class TransportRate:
+class TransportScorer:
     """Scores prompts against concepts with one of `METRICS`, then reduces the
     concept scores to one rate in [0, 1] per membrane."""
 
-    def __init__(self, metric: Metric = "clipcos_tokenuni") -> None:
-        if metric not in METRICS:
-            raise ValueError(f"Unknown transport metric {metric!r}; choose one of {', '.join(METRICS)}.")
+    def __init__(self, metric: Metric = TransportConfig.metric) -> None:
+        check_metric(metric)
         self.metric = metric
 
     def concept_scores(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..bases import BASE_HELP, CONCEPT_WORLD, DTYPES
+from ..bases import BASE_HELP, CONCEPT_WORLD
+from ..utils import DTYPES
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,12 @@ import numpy as np
 from PIL import Image
 
 from ..bases import CONCEPT_WORLD
+from ..evaluation.conditions import loras_applied
 from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
 from ..training.trainer import model_name
+from ..transport import TransportConfig
 from .judge import Judge
 from .metrics import (
     ConceptMetrics,
@@ -98,9 +100,9 @@ class Condition:
     label: str
     files: Sequence[Path] = ()
     transport: bool = True
-    metric: str = "clipcos_tokenuni"
-    power: float = 2.0
-    floor: float = 0.0
+    metric: str = TransportConfig.metric
+    power: float = TransportConfig.power
+    floor: float = TransportConfig.floor
     as_lora: bool = False
 
 
@@ -123,27 +125,22 @@ class Comparison:
 
 @contextlib.contextmanager
 def applied(pipe: Any, condition: Condition) -> Iterator[None]:
-    """The pipeline with `condition`'s membranes (or LoRAs) loaded and its transport set, for a block."""
+    """The pipeline with `condition`'s membranes (or LoRAs) loaded and its transport set, for a block;
+    what the caller had loaded stays."""
     add_spm_support(pipe)
-    try:
-        for index, file in enumerate(condition.files):
-            if condition.as_lora:
-                pipe.load_lora_weights(str(file), adapter_name=f"lora{index}")
-            else:
-                pipe.load_spm(file, adapter_name=f"m{index}")
-        if condition.files and not condition.as_lora:
-            pipe.set_spm_transport(condition.transport, metric=condition.metric, power=condition.power,
-                                   floor=condition.floor)
+    if condition.as_lora:
+        with loras_applied(pipe, condition.files, [f"lora{i}" for i in range(len(condition.files))]):
+            yield
+        return
+    transport = TransportConfig(enabled=condition.transport, metric=condition.metric, power=condition.power,
+                                floor=condition.floor)
+    with pipe.spm_applied(condition.files, [f"m{i}" for i in range(len(condition.files))], transport=transport):
         yield
-    finally:
-        pipe.unload_spm()
-        if condition.as_lora:
-            pipe.unload_lora_weights()
 
 
 def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str], conditions: Sequence[Condition],
             evaluation: WorldEvaluation = WorldEvaluation()) -> Comparison:
-    """Evaluate every condition on the same prompts and seeds; the pipeline is left without membranes."""
+    """Evaluate every condition on the same prompts and seeds; the pipeline is left as it was."""
     add_spm_support(pipe)
     result = Comparison(list(erased))
     reference = reference_images(pipe, world, erased, evaluation)

@@ -1,13 +1,13 @@
 """The paper's evaluation protocol: tasks, metrics, resumable data-parallel generation and reports.
 
-    from diffusers_spm.evaluation import Condition, build_task, evaluate
+    from diffusers_spm.evaluation import EvalCondition, build_task, evaluate
     task = build_task("general", concepts=["snoopy"], clip_model="openai/clip-vit-base-patch32")
-    evaluate(pipe, task, [Condition("base"), Condition("spm", ("snoopy.safetensors",))], "outputs/eval")
+    evaluate(pipe, task, [EvalCondition("base"), EvalCondition("spm", ("snoopy.safetensors",))], "outputs/eval")
 """
 
 from ..bases import load_base_pipeline
-from .conditions import COMPARE_CHOICES, Condition, build_conditions
-from .generation import GenerationSettings, GenerationStats, generate_images
+from .conditions import COMPARE_CHOICES, EvalCondition, build_conditions
+from .generation import GenerationSettings, GenerationStats, generate_to_folder
 from .metrics import AlterationMetric, ClipMetric, FidKidMetric, Metric, NudityMetric, Sample
 from .prompts import IMAGENET_TEMPLATES, PromptJob, read_i2p_from_hub, read_prompt_csv, template_jobs
 from .runner import EvaluationResult, evaluate
@@ -19,7 +19,7 @@ __all__ = [
     "TASKS",
     "AlterationMetric",
     "ClipMetric",
-    "Condition",
+    "EvalCondition",
     "EvaluationResult",
     "FidKidMetric",
     "GenerationSettings",
@@ -32,7 +32,7 @@ __all__ = [
     "build_conditions",
     "build_task",
     "evaluate",
-    "generate_images",
+    "generate_to_folder",
     "load_base_pipeline",
     "read_i2p_from_hub",
     "read_prompt_csv",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..transport import METRICS
-from ..bases import BASE_HELP, DTYPES, load_base_pipeline, resolve_base
+from ..bases import BASE_HELP, load_base_pipeline, resolve_base
+from ..transport import METRICS, TransportConfig
+from ..utils import DTYPES
 from .conditions import COMPARE_CHOICES, SLD_PRESETS, build_conditions
 from .generation import process_state
 from .runner import evaluate
@@ -87,9 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fid-feature", type=int, default=2048, choices=(64, 192, 768, 2048),
                         help="Inception feature layer for FID/KID (needs torch-fidelity)")
     parser.add_argument("--scale", type=float, default=1.0, help="membrane / LoRA scale")
-    parser.add_argument("--metric", default="clipcos_tokenuni", choices=METRICS,
+    parser.add_argument("--metric", default=TransportConfig.metric, choices=METRICS,
                         help="Facilitated Transport rate")
-    parser.add_argument("--power", type=float, default=2.0, help="transport gate = rate ** power")
+    parser.add_argument("--power", type=float, default=TransportConfig.power, help="transport gate = rate ** power")
     parser.add_argument("--sld-concept", help="SLD's safety concept (default: the --concept names, else SLD's own)")
     parser.add_argument("--sld-preset", default="strong", choices=tuple(SLD_PRESETS),
                         help="SLD configuration (the reference evaluates strong)")

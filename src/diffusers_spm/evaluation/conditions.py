@@ -13,8 +13,9 @@ from typing import Any, Iterator, Literal, Sequence
 from diffusers import DiffusionPipeline
 
 from ..hub import resolve_membrane
-from ..model import MembraneController
 from ..pipeline import add_spm_support
+from ..transport import TransportConfig
+from ..utils import torch_dtype
 
 COMPARE_CHOICES = ("base", "spm", "spm-no-transport", "lora", "sld")
 
@@ -34,14 +35,14 @@ Kind = Literal["base", "spm", "spm-no-transport", "lora", "sld"]
 
 
 @dataclass(frozen=True)
-class Condition:
+class EvalCondition:
     """One way of generating; `membranes` is one membrane set (paths, Hub ids or registry short names)."""
 
     kind: Kind
     membranes: tuple[str, ...] = ()
     scale: float = 1.0
-    transport_metric: str = "clipcos_tokenuni"
-    power: float = 2.0
+    transport_metric: str = TransportConfig.metric
+    power: float = TransportConfig.power
     sld_concept: str | None = None
     sld_preset: str = "strong"
 
@@ -63,36 +64,33 @@ class Condition:
             yield pipe, {}
         elif self.kind in ("spm", "spm-no-transport"):
             pipe = add_spm_support(pipe)
-            controller = MembraneController.of(pipe.unet)
-            previous = controller.transport if controller is not None and controller.adapters else None
-            loaded: list[str] = []
-            try:
-                for i, membrane in enumerate(self.membranes):
-                    pipe.load_spm(membrane, adapter_name=f"eval{i}")
-                    loaded.append(f"eval{i}")
-                pipe.set_spm_scale(dict.fromkeys(loaded, self.scale))
-                pipe.set_spm_transport(self.kind == "spm", metric=self.transport_metric, power=self.power)
+            names = [f"eval{i}" for i in range(len(self.membranes))]
+            transport = TransportConfig(enabled=self.kind == "spm", metric=self.transport_metric, power=self.power)
+            with pipe.spm_applied(self.membranes, names, scale=self.scale, transport=transport):
                 yield pipe, {}
-            finally:
-                if loaded:  # only ours: membranes the caller loaded stay, with their transport settings
-                    pipe.unload_spm(loaded)
-                if previous is not None:
-                    pipe.set_spm_transport(previous.enabled, previous.metric, previous.power, previous.cfg_rows)
         elif self.kind == "lora":
-            loaded = []
-            try:
-                for i, membrane in enumerate(self.membranes):
-                    pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=f"eval{i}")
-                    loaded.append(f"eval{i}")
-                pipe.set_adapters(loaded, adapter_weights=[self.scale] * len(loaded))
+            with loras_applied(pipe, self.membranes, [f"eval{i}" for i in range(len(self.membranes))], self.scale):
                 yield pipe, {}
-            finally:
-                if loaded:
-                    pipe.delete_adapters(loaded)
-                if not any(pipe.get_list_adapters().values()):
-                    pipe.unload_lora_weights()  # no LoRA left: unwrap the layers too
         else:
             yield sld_pipeline(pipe, self.sld_concept), dict(SLD_PRESETS[self.sld_preset])
+
+
+@contextmanager
+def loras_applied(pipe: DiffusionPipeline, membranes: Sequence[str | Path], adapter_names: Sequence[str],
+                  scale: float = 1.0) -> Iterator[list[str]]:
+    """Membrane files loaded as plain LoRAs (no transport) for a block, then deleted: only these."""
+    loaded: list[str] = []
+    try:
+        for membrane, name in zip(membranes, adapter_names, strict=True):
+            pipe.load_lora_weights(str(resolve_membrane(membrane)[0]), adapter_name=name)
+            loaded.append(name)
+        pipe.set_adapters(loaded, adapter_weights=[scale] * len(loaded))
+        yield loaded
+    finally:
+        if loaded:
+            pipe.delete_adapters(loaded)
+        if not any(pipe.get_list_adapters().values()):
+            pipe.unload_lora_weights()  # no LoRA left: unwrap the layers too
 
 
 def membrane_label(membrane: str) -> str:
@@ -119,12 +117,12 @@ def build_conditions(
     membrane_sets: Sequence[Sequence[str]],
     compare: Sequence[str] = ("base", "spm", "spm-no-transport"),
     scale: float = 1.0,
-    transport_metric: str = "clipcos_tokenuni",
-    power: float = 2.0,
+    transport_metric: str = TransportConfig.metric,
+    power: float = TransportConfig.power,
     sld_concept: str | None = None,
     sld_preset: str = "strong",
     needs_base: bool = False,
-) -> list[Condition]:
+) -> list[EvalCondition]:
     """Every requested kind, the membrane kinds once per membrane set; `base` first when a task needs it."""
     if sld_preset not in SLD_PRESETS:
         raise ValueError(f"Unknown SLD preset {sld_preset!r}; choose from {', '.join(SLD_PRESETS)}.")
@@ -134,11 +132,11 @@ def build_conditions(
     kinds = list(dict.fromkeys(["base", *compare] if needs_base else compare))
     if any(k in ("spm", "spm-no-transport", "lora") for k in kinds) and not membrane_sets:
         raise ValueError("Membrane conditions need at least one `--spm`.")
-    conditions: list[Condition] = []
+    conditions: list[EvalCondition] = []
     for kind in kinds:
         if kind in ("base", "sld"):
-            conditions.append(Condition(kind, sld_concept=sld_concept, sld_preset=sld_preset) if kind == "sld"
-                              else Condition(kind))
+            conditions.append(EvalCondition(kind, sld_concept=sld_concept, sld_preset=sld_preset) if kind == "sld"
+                              else EvalCondition(kind))
         else:
-            conditions += [Condition(kind, tuple(s), scale, transport_metric, power) for s in membrane_sets]
+            conditions += [EvalCondition(kind, tuple(s), scale, transport_metric, power) for s in membrane_sets]
     return conditions

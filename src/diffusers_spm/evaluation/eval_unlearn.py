@@ -12,12 +12,15 @@ built-in techniques do. A config, e.g. in an `eval-unlearn run` YAML:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from ..transport import TransportConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,8 @@ class SPMConfig:
     membranes: Sequence[str] = ()
     erase_concept: str | None = None
     transport: bool = True
-    transport_metric: str = "clipcos_tokenuni"
-    power: float = 2.0
+    transport_metric: str = TransportConfig.metric
+    power: float = TransportConfig.power
     scale: float = 1.0
     device: str | None = None
     use_fp16: bool = True
@@ -69,11 +72,17 @@ class SPMTechnique:
         self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = "fp16" if self.config.use_fp16 and self.device.startswith("cuda") else "fp32"
         self.pipe = load_base_pipeline(self.config.model_id, dtype, self.device)
-        for i, membrane in enumerate(self.config.membrane_set):
-            self.pipe.load_spm(membrane, adapter_name=f"spm{i}")
-        self.pipe.set_spm_scale(self.config.scale)
-        self.pipe.set_spm_transport(self.config.transport, metric=self.config.transport_metric, power=self.config.power)
+        membranes = self.config.membrane_set
+        transport = TransportConfig(enabled=self.config.transport, metric=self.config.transport_metric,
+                                    power=self.config.power)
+        self._membranes = contextlib.ExitStack()  # they stay loaded until `close`
+        self._membranes.enter_context(self.pipe.spm_applied(
+            membranes, [f"spm{i}" for i in range(len(membranes))], scale=self.config.scale, transport=transport))
         logger.info("spm technique: %s with membranes %s.", self.config.model_id, ", ".join(self.config.membrane_set))
+
+    def close(self) -> None:
+        """Unload the membranes; the pipeline is the base model again."""
+        self._membranes.close()
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int | None = None, **kwargs: Any) -> list[Any]:

@@ -25,6 +25,7 @@ from accelerate.utils import parse_flag_from_env
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
+from ..utils import flatten
 from .prompts import PromptJob
 
 logger = logging.getLogger(__name__)
@@ -77,16 +78,6 @@ def _batches(jobs: Sequence[PromptJob], settings: GenerationSettings) -> list[li
     return batches
 
 
-def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_signature(folder: Path, signature: Mapping[str, Any]) -> None:
     """Refuse to mix images made under different settings in one folder."""
     record = folder / "generation.json"
@@ -94,7 +85,7 @@ def _check_signature(folder: Path, signature: Mapping[str, Any]) -> None:
     if record.exists():
         previous = json.loads(record.read_text())
         if previous != current:
-            before, after = _flatten(previous), _flatten(current)
+            before, after = flatten(previous), flatten(current)
             changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
             raise ValueError(
                 f"{folder} holds images made with other settings ({', '.join(changed)} differ). "
@@ -112,7 +103,7 @@ def _save(image: Any, path: Path) -> None:
 
 
 @torch.no_grad()
-def generate_images(
+def generate_to_folder(
     pipe: DiffusionPipeline,
     jobs: Sequence[PromptJob],
     folder: str | Path,

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from ..grids import GridBlock, captioned_grid
-from .conditions import Condition
+from .conditions import EvalCondition
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -21,10 +21,10 @@ logger = logging.getLogger(__name__)
 THUMBNAIL = 256
 
 
-def write_report(
+def write_evaluation_report(
     output: Path,
     task: Task,
-    conditions: Sequence[Condition],
+    conditions: Sequence[EvalCondition],
     results: Mapping[str, Mapping[str, float]],
     folders: Mapping[str, Path],
     grid_prompts: int = 4,
@@ -34,7 +34,7 @@ def write_report(
     files = {
         "json": write_json(output / "results.json", task, conditions, results),
         "csv": write_csv(output / "results.csv", results),
-        "grid": write_grid(output / "grid.png", task, conditions, folders, grid_prompts),
+        "grid": write_condition_grid(output / "grid.png", task, conditions, folders, grid_prompts),
         "chart": write_chart(output / "headline.png", task, results),
     }
     files["summary"] = write_summary(output / "summary.md", task, results, files)
@@ -47,7 +47,7 @@ def metric_columns(results: Mapping[str, Mapping[str, float]], headline: str) ->
     return [headline, *(k for k in keys if k != headline)] if headline in keys else keys
 
 
-def write_json(path: Path, task: Task, conditions: Sequence[Condition], results: Mapping[str, Mapping[str, float]]) -> Path:
+def write_json(path: Path, task: Task, conditions: Sequence[EvalCondition], results: Mapping[str, Mapping[str, float]]) -> Path:
     payload = {
         "task": task.name,
         "headline": task.headline,
@@ -92,7 +92,7 @@ def write_summary(path: Path, task: Task, results: Mapping[str, Mapping[str, flo
     return path
 
 
-def write_grid(path: Path, task: Task, conditions: Sequence[Condition], folders: Mapping[str, Path], prompts: int) -> Path:
+def write_condition_grid(path: Path, task: Task, conditions: Sequence[EvalCondition], folders: Mapping[str, Path], prompts: int) -> Path:
     """Rows: the first `prompts` jobs, captioned with prompt and seed; columns: the conditions, base first."""
     rows = []
     for job in task.jobs[:prompts]:

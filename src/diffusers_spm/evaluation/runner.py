@@ -15,10 +15,10 @@ from typing import Any, Sequence
 from accelerate import PartialState
 from diffusers import DiffusionPipeline
 
-from .conditions import Condition
-from .generation import generate_images, image_paths
+from .conditions import EvalCondition
+from .generation import generate_to_folder, image_paths
 from .metrics import Sample
-from .report import write_report
+from .report import write_evaluation_report
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class EvaluationResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def signature(pipeline: DiffusionPipeline, condition: Condition) -> dict[str, Any]:
+def signature(pipeline: DiffusionPipeline, condition: EvalCondition) -> dict[str, Any]:
     """What, besides the task's settings, decides a condition's images."""
     return {
         "model": getattr(pipeline.config, "_name_or_path", None) or type(pipeline).__name__,
@@ -48,7 +48,7 @@ def signature(pipeline: DiffusionPipeline, condition: Condition) -> dict[str, An
 def evaluate(
     pipeline: DiffusionPipeline,
     task: Task,
-    conditions: Sequence[Condition],
+    conditions: Sequence[EvalCondition],
     output: str | Path,
     report: bool = True,
     grid_prompts: int = 4,
@@ -58,12 +58,12 @@ def evaluate(
         raise ValueError(f"The {task.name} task has no prompts to generate (check --prompts and --limit).")
     output = Path(output)
     if task.needs_base and not any(c.kind == "base" for c in conditions):
-        conditions = [Condition("base"), *conditions]
+        conditions = [EvalCondition("base"), *conditions]
     folders = {c.name: output / "images" / c.slug for c in conditions}
     generated: dict[str, int] = {}
     for condition in conditions:
         with condition.applied(pipeline) as (pipe, call_kwargs):
-            stats = generate_images(pipe, task.jobs, folders[condition.name], task.settings, call_kwargs,
+            stats = generate_to_folder(pipe, task.jobs, folders[condition.name], task.settings, call_kwargs,
                                     desc=f"{task.name} {condition.name}", signature=signature(pipeline, condition))
         generated[condition.name] = stats.generated
     result = EvaluationResult(task.name, task.headline, {}, generated, output)
@@ -79,6 +79,6 @@ def evaluate(
             result.results[condition.name] = scores
             logger.info("%s %s: %s = %.4f", task.name, condition.name, task.headline, scores.get(task.headline, float("nan")))
         if report:
-            result.files = write_report(output, task, conditions, result.results, folders, grid_prompts)
+            result.files = write_evaluation_report(output, task, conditions, result.results, folders, grid_prompts)
     state.wait_for_everyone()
     return result

@@ -1,4 +1,5 @@
-"""The evaluation tasks of the paper (DESIGN.md §4): which images to make, and how to score them."""
+"""The evaluation tasks of the paper: which images to make, and how to score them (docs/evaluation.md,
+"The tasks")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training SPM membranes: data-free concept erasing with Latent Anchoring (DESIGN.md §1)."""
+"""Training SPM membranes: data-free concept erasing with Latent Anchoring (docs/training.md)."""
 
 from .config import ConceptConfig, TrainingConfig
 from .trainer import MembraneTrainer, train_membrane

@@ -2,7 +2,7 @@
 
 Each anchor is Gaussian noise the shape of the target embedding, normalised, and accepted with
 probability `1 - cos(noise, target)` (so directions close to the target are rejected more often);
-it is then rescaled to `U(0.8, 1.2) * ||target||` (DESIGN.md §1.4). All draws come from the
+it is then rescaled to `U(0.8, 1.2) * ||target||` (docs/training.md, "The algorithm"). All draws come from the
 trainer's generator, so a run (and a resumed run) is reproducible.
 """
 

@@ -288,11 +288,3 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             node[int(last)] = value
         else:
             node[last] = value
-
-
-def torch_dtype(precision: str):
-    """`fp16`/`float16` -> torch.float16, and so on."""
-    import torch
-
-    return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[precision]

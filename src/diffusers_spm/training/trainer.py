@@ -1,4 +1,4 @@
-"""The SPM training loop (DESIGN.md §1), one trainer for SD 1.x, 2.x and XL.
+"""The SPM training loop (docs/training.md), one trainer for SD 1.x, 2.x and XL.
 
 One iteration, for a concept drawn at random:
 1. draw `k` in [1, T); denoise fresh noise for `k` DDIM steps with the membrane on (CFG on the
@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
@@ -31,12 +31,14 @@ from diffusers.optimization import get_scheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
-from ..membrane import Membrane, MembraneModule
-from ..model import MembraneController, architecture_of
+from ..layers import bank_of, layer_shape
+from ..membrane import LowRankPair, Membrane
+from ..controller import MembraneController, architecture_of
 from ..transport import TransportConfig
+from ..utils import flatten, torch_dtype
 from .anchors import sample_anchor_embeddings
 from .conditioning import TEMPLATES, Conditioning, PromptEncoder, sdxl_time_ids
-from .config import ConceptConfig, TrainingConfig, torch_dtype
+from .config import ConceptConfig, TrainingConfig
 from .losses import spm_losses, to_epsilon
 
 logger = logging.getLogger(__name__)
@@ -120,20 +122,16 @@ class MembraneTrainer:
                 f"The UNet already carries membranes {controller.names}; unload them (`pipe.unload_spm()`) "
                 "before training, or they would act during training."
             )
-        controller.transport = TransportConfig(enabled=False)
-        controller.enabled = True
+        controller.set_transport(TransportConfig(enabled=False))
+        controller.set_enabled(True)
         rank, alpha = self.config.network.rank, self.config.network.alpha
         modules = {}
         for name, (_, base) in controller.targets.items():
-            if isinstance(base, torch.nn.Conv2d):
-                down = torch.empty(rank, base.in_channels, *base.kernel_size)
-                up = torch.zeros(base.out_channels, rank, 1, 1)
-            else:
-                down = torch.empty(rank, base.in_features)
-                up = torch.zeros(base.out_features, rank)
+            shape = layer_shape(base)
+            down, up = torch.empty(shape.down(rank)), torch.zeros(shape.up(rank))
             # As kohya/the reference: Kaiming-uniform down, zero up, so training starts at the base model.
             torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=self.generator)
-            modules[name] = MembraneModule(down=down, up=up, alpha=alpha)
+            modules[name] = LowRankPair(down=down, up=up, alpha=alpha)
         neutrals = {c.neutral for c in self.concepts}
         membrane = Membrane(
             modules=modules, concepts=[c.target for c in self.concepts],
@@ -161,16 +159,9 @@ class MembraneTrainer:
         return torch.optim.AdamW(self.params, lr=train.lr, **train.optimizer_args)
 
     # ------------------------------------------------------------------ membrane switch
-    @contextlib.contextmanager
-    def membrane(self, on: bool) -> Iterator[None]:
-        previous = self.controller.enabled
-        self.controller.enabled = on
-        self.controller.changed()
-        try:
-            yield
-        finally:
-            self.controller.enabled = previous
-            self.controller.changed()
+    def membrane_enabled(self, on: bool) -> contextlib.AbstractContextManager[None]:
+        """The membrane switched on (or off) for a block: the UNet calls with and without it."""
+        return self.controller.switched(on)
 
     # ------------------------------------------------------------------ one iteration
     def plan(self) -> Plan:
@@ -225,7 +216,7 @@ class MembraneTrainer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, plan in enumerate(plans):
             groups.setdefault(tuple(plan.latents.shape[1:]), []).append(index)
-        with self.membrane(True), self.controller.call_scope():
+        with self.membrane_enabled(True), self.controller.call_scope():
             for members in groups.values():
                 for index, latents in zip(members, self._denoise_together([plans[i] for i in members])):
                     results[index] = latents
@@ -254,8 +245,9 @@ class MembraneTrainer:
             latents[active] = self.scheduler.step(guided, timestep, current).prev_sample
         return list(latents.split(rows))
 
-    def losses(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
-        """Steps 2-3: the UNet calls at the loss timestep, the losses, and (by default) their backward."""
+    def forward_backward(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
+        """Steps 2-3: the UNet calls at the loss timestep, the losses and (unless `backward=False`) their
+        backward pass, which leaves the gradients in the membrane's parameters."""
         concept = self.concepts[plan.concept]
         timestep = self.loss_timesteps[int(plan.steps * len(self.loss_timesteps) / self.config.train.max_denoising_steps)]
         alpha_prod = self.scheduler.alphas_cumprod[int(timestep)]
@@ -274,10 +266,10 @@ class MembraneTrainer:
         if self.config.train.batch_unet_calls:
             off_rows = [positive, neutral] + ([plan.anchors] if anchored else [])
             off_latents = [latents, latents] + ([anchor_latents] if anchored else [])
-            with torch.no_grad(), self.membrane(False):
+            with torch.no_grad(), self.membrane_enabled(False):
                 off = eps(torch.cat(off_latents), Conditioning.cat(off_rows)).split([len(r) for r in off_rows])
             on_rows = [target] + ([plan.anchors] if anchored else [])
-            with self.membrane(True):
+            with self.membrane_enabled(True):
                 on = eps(torch.cat([latents] + ([anchor_latents] if anchored else [])), Conditioning.cat(on_rows))
             on = on.split([len(r) for r in on_rows])
             outputs = (on[0], off[0], off[1], on[1] if anchored else None, off[2] if anchored else None)
@@ -290,15 +282,15 @@ class MembraneTrainer:
                 eps_uncond, eps_text = eps(torch.cat([rows_latents, rows_latents]), pair).chunk(2)
                 return eps_uncond + 1.0 * (eps_text - eps_uncond)
 
-            with torch.no_grad(), self.membrane(False):
+            with torch.no_grad(), self.membrane_enabled(False):
                 eps_positive = reference_call(latents, positive)
                 eps_neutral = reference_call(latents, neutral)
-            with self.membrane(True):
+            with self.membrane_enabled(True):
                 eps_target = reference_call(latents, target)
                 anchor_with = reference_call(anchor_latents, plan.anchors) if anchored else None
             anchor_without = None
             if anchored:
-                with torch.no_grad(), self.membrane(False):
+                with torch.no_grad(), self.membrane_enabled(False):
                     anchor_without = reference_call(anchor_latents, plan.anchors)
             outputs = (eps_target, eps_positive, eps_neutral, anchor_with, anchor_without)
 
@@ -306,7 +298,7 @@ class MembraneTrainer:
         losses = spm_losses(*outputs[:3], eta=eta, anchor_with=outputs[3], anchor_without=outputs[4],
                             la_strength=concept.la_strength)
         if backward:
-            with self.membrane(True):  # gradient checkpointing recomputes the forward during backward
+            with self.membrane_enabled(True):  # gradient checkpointing recomputes the forward during backward
                 losses["loss"].backward()
         return losses
 
@@ -322,13 +314,13 @@ class MembraneTrainer:
     def step(self) -> dict[str, float]:
         """One optimisation step; returns the loss terms and the learning rate."""
         plan, latents = self.next_plan()
-        losses = self.losses(plan, latents)
+        losses = self.forward_backward(plan, latents)
         if self.config.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.controller.changed()
+        self.controller.weights_changed()
         self.step_count += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -343,7 +335,7 @@ class MembraneTrainer:
             "step": self.step_count,
             "membrane": {name: (bank.down.detach().clone(), bank.up.detach().clone())
                          for name, (_, base) in self.controller.targets.items()
-                         if (bank := getattr(base, "spm_membranes", None)) is not None},
+                         if (bank := bank_of(base)) is not None},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -356,7 +348,7 @@ class MembraneTrainer:
                            "an uninterrupted one.")
         with torch.no_grad():
             for name, (_, base) in self.controller.targets.items():
-                bank = getattr(base, "spm_membranes", None)
+                bank = bank_of(base)
                 if bank is not None:
                     down, up = state["membrane"][name]
                     bank.down.copy_(down)
@@ -365,7 +357,7 @@ class MembraneTrainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
-        self.controller.changed()
+        self.controller.weights_changed()
 
     def close(self) -> None:
         """Take the membrane out of the UNet and undo what training set up."""
@@ -431,7 +423,7 @@ class _Tracker:
             raise ImportError(f"logging.tracker={config.logging.tracker!r} needs the {config.logging.tracker} package "
                               "(`pip install diffusers-spm[train]`), or set logging.tracker=none.")
         self.accelerator = Accelerator(log_with=config.logging.tracker, project_dir=config.save.path)
-        self.accelerator.init_trackers(config.logging.run_name or run_name, config=_flat(config.model_dump(mode="json")))
+        self.accelerator.init_trackers(config.logging.run_name or run_name, config=_tracker_values(config.model_dump(mode="json")))
 
     def log(self, values: dict[str, float], step: int) -> None:
         if self.accelerator is not None:
@@ -450,14 +442,9 @@ class _Tracker:
             self.accelerator.end_training()
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+def _tracker_values(tree: dict[str, Any]) -> dict[str, Any]:
+    """The config as trackers take it: one level, numbers and strings only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(tree).items()}
 
 
 def _samples(trainer: MembraneTrainer, config: TrainingConfig, run_name: str, step: int, tracker: _Tracker) -> None:
@@ -466,7 +453,7 @@ def _samples(trainer: MembraneTrainer, config: TrainingConfig, run_name: str, st
     out = Path(config.save.path) / "samples" / run_name
     out.mkdir(parents=True, exist_ok=True)
     images = {}
-    with trainer.membrane(True):
+    with trainer.membrane_enabled(True):
         for index, prompt in enumerate(log.prompts):
             generator = torch.Generator(trainer.device).manual_seed(log.seed) if log.seed is not None else None
             result = trainer.pipe(prompt, negative_prompt=log.negative_prompt or None, width=log.width,

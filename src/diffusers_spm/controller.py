@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .encodings import TextEncoderHook, TextRow, describe, observe, unobserve
-from .layers import MembraneBank, attach_bank, detach_bank
+from .hooks import add_hook, get_hook, remove_hook
+from .layers import MembraneBank, attach_bank, bank_of, detach_bank, layer_shape
 from .membrane import Membrane, MembraneFormatError, kohya_name
-from .transport import TransportConfig, TransportRate
+from .transport import TransportConfig, TransportScorer
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +130,20 @@ class MembraneController(ModelHook):
         super().__init__()
         self.unet = unet
         self.adapters: dict[str, AdapterState] = {}
-        self.transport = TransportConfig()
-        self.enabled = True
         self.fused: list[str] = []
         self.encoders: list[TextEncoderHook] = []
-        self.version = 0
+        self.version = 0  # bumped by every change that invalidates merged weights cached in a call
+        self._transport = TransportConfig()
+        self._enabled = True
         self._targets: dict[str, tuple[str, nn.Module]] | None = None
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ lookup
     @classmethod
     def of(cls, unet: nn.Module, create: bool = False) -> "MembraneController | None":
-        registry = getattr(unet, "_diffusers_hook", None)
-        controller = registry.get_hook(CONTROLLER_HOOK) if registry is not None else None
+        controller = get_hook(unet, CONTROLLER_HOOK)
         if controller is None and create:
-            controller = cls(unet)
-            HookRegistry.check_if_exists_or_initialize(unet).register_hook(controller, CONTROLLER_HOOK)
+            controller = add_hook(unet, cls(unet), CONTROLLER_HOOK)
         return controller
 
     @property
@@ -155,7 +154,7 @@ class MembraneController(ModelHook):
 
     def banks(self) -> Iterator[tuple[nn.Module, MembraneBank]]:
         for _, base in self.targets.values():
-            bank = getattr(base, "spm_membranes", None)
+            bank = bank_of(base)
             if bank is not None:
                 yield base, bank
 
@@ -171,6 +170,14 @@ class MembraneController(ModelHook):
                 "Load it with `pipe.load_spm(...)` or use one of the loaded names."
             )
 
+    def check_new_name(self, name: str) -> None:
+        """Raise unless `name` is free for a new membrane."""
+        if name in self.adapters:
+            raise ValueError(
+                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
+                f"`pipe.unload_spm({name!r})` first."
+            )
+
     # ------------------------------------------------------------------ membership
     def check_compatible(self, membrane: Membrane, source: str) -> None:
         """Raise, listing what differs, unless every layer of `membrane` exists here with its shape."""
@@ -179,16 +186,10 @@ class MembraneController(ModelHook):
             if name not in self.targets:
                 missing.append(name)
                 continue
-            base = self.targets[name][1]
-            if isinstance(base, nn.Conv2d):
-                want_down = (base.in_channels, *base.kernel_size)
-                want_up = (base.out_channels, 1, 1)
-            else:
-                want_down, want_up = (base.in_features,), (base.out_features,)
-            got_down = tuple(module.down.shape[1:])
-            got_up = (module.up.shape[0], *module.up.shape[2:])
-            if got_down != want_down or got_up != want_up:
-                misshapen.append(f"{name}: membrane in/out {got_down}/{got_up[0]} vs layer {want_down}/{want_up[0]}")
+            want = layer_shape(self.targets[name][1])
+            if module.down.shape != want.down(module.rank) or module.up.shape != want.up(module.rank):
+                misshapen.append(f"{name}: membrane in/out {tuple(module.down.shape[1:])}/{module.up.shape[0]} vs "
+                                 f"layer {want.in_shape}/{want.out_features}")
         if not missing and not misshapen:
             return
         hint = ""
@@ -210,11 +211,8 @@ class MembraneController(ModelHook):
 
     def add(self, name: str, membrane: Membrane, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
         """Stack `membrane` into the banks of its layers; all or nothing."""
-        if name in self.adapters:
-            raise ValueError(
-                f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
-                f"`pipe.unload_spm({name!r})` first."
-            )
+        self.check_new_name(name)
+        scale = check_scale(name, scale)
         self.check_compatible(membrane, f"Membrane {name!r}")
         touched: list[MembraneBank] = []
         try:
@@ -250,9 +248,9 @@ class MembraneController(ModelHook):
         state = self.adapters[name]
         modules = {}
         for layer_name, (_, base) in self.targets.items():
-            bank = getattr(base, "spm_membranes", None)
+            bank = bank_of(base)
             if bank is not None and name in bank.names:
-                modules[layer_name] = bank.module(name)
+                modules[layer_name] = bank.pair(name)
         return dataclasses.replace(state.membrane, modules=modules)
 
     def _drop_empty_banks(self) -> None:
@@ -264,19 +262,59 @@ class MembraneController(ModelHook):
         order = self.names
         for _, bank in self.banks():
             bank.index_rows(order)
-        self.changed()
+        self._invalidate()
 
-    def changed(self) -> None:
-        """Invalidate merged weights cached for the running call (scales or membranes changed)."""
+    def _invalidate(self) -> None:
+        """Merged weights cached in a running call are stale from now on."""
         self.version += 1
 
+    def weights_changed(self) -> None:
+        """Call after changing the banks' tensors in place (an optimizer step, a loaded checkpoint), so a
+        running call does not keep merged weights made from the old ones."""
+        self._invalidate()
+
     # ------------------------------------------------------------------ settings
+    @property
+    def enabled(self) -> bool:
+        """Whether the membranes act at all (`disable_spm` / `enable_spm`)."""
+        return self._enabled
+
+    def set_enabled(self, on: bool) -> None:
+        self._enabled = bool(on)
+        self._invalidate()
+
+    @contextlib.contextmanager
+    def switched(self, on: bool) -> Iterator[None]:
+        """The membranes on (or off) for a block, then as they were."""
+        previous = self._enabled
+        self.set_enabled(on)
+        try:
+            yield
+        finally:
+            self.set_enabled(previous)
+
+    @property
+    def transport(self) -> TransportConfig:
+        return self._transport
+
+    def set_transport(self, transport: TransportConfig) -> None:
+        if not isinstance(transport, TransportConfig):
+            raise TypeError(f"Expected a TransportConfig, got {type(transport).__name__}.")
+        self._transport = transport
+        self._invalidate()
+
+    def active_names(self) -> list[str]:
+        """The membranes acting through the gates now: enabled, scale above 0, not fused."""
+        if not self._enabled:
+            return []
+        return [n for n, s in self.adapters.items() if s.scale > 0 and n not in self.fused]
+
     def set_scales(self, scales: Mapping[str, Any]) -> None:
         self.require(list(scales))
         checked = {name: check_scale(name, value) for name, value in scales.items()}
         for name, value in checked.items():
             self.adapters[name].scale = value
-        self.changed()
+        self._invalidate()
 
     def scales(self) -> torch.Tensor:
         """User scales in adapter order; fused membranes act through the weights, so they gate 0 here."""
@@ -286,6 +324,8 @@ class MembraneController(ModelHook):
 
     # ------------------------------------------------------------------ fuse
     def fuse(self, names: list[str], scale: float) -> None:
+        """Bake `names` into the base weights at fixed gates (`scale` x their scales)."""
+        scale = check_scale("fuse_spm", scale)
         self.require(names)
         if self.fused:
             raise RuntimeError(f"Membranes {self.fused} are already fused; call `unfuse_spm()` first.")
@@ -303,7 +343,7 @@ class MembraneController(ModelHook):
                 bank.unfuse(base, wrappers.get(id(base)))
             raise
         self.fused = list(names)
-        self.changed()
+        self._invalidate()
 
     def unfuse(self) -> None:
         wrappers = lora_wrappers(self.unet)
@@ -311,7 +351,7 @@ class MembraneController(ModelHook):
             bank.unfuse(base, wrappers.get(id(base)))
         self.fused = []
         self._drop_empty_banks()
-        self.changed()
+        self._invalidate()
 
     # ------------------------------------------------------------------ text encoders
     def observe_text_encoders(self, encoders: Sequence[tuple[nn.Module, Sequence[int], int]]) -> None:
@@ -367,10 +407,10 @@ class MembraneController(ModelHook):
                 "tokens are unknown; those rows are rated by the embedding cosine alone. Encode prompts with "
                 "`pipe.encode_prompt(...)` for the full transport metric.",
             )
-        rate = TransportRate(self.transport.metric)
+        scorer = TransportScorer(self.transport.metric)
         concept_rows = [r for s in states for r in s.concept_rows]
-        scores = rate.concept_scores(text, rows, concept_embeds, concept_rows)
-        return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
+        scores = scorer.concept_scores(text, rows, concept_embeds, concept_rows)
+        return scorer.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
 
     def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         """[B, N] or [N] gates of one UNet forward.
@@ -416,7 +456,7 @@ class MembraneController(ModelHook):
         return forward if forward is not None and forward.controller is self else None
 
     def active(self) -> bool:
-        return self.enabled and bool(self.adapters) and len(self.fused) < len(self.adapters)
+        return self._enabled and bool(self.adapters) and len(self.fused) < len(self.adapters)
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Resolve this forward's gates once, for all layers; drop them when it ends, however it ends."""
@@ -474,12 +514,7 @@ class MembraneController(ModelHook):
         for hook in self.encoders:
             unobserve(hook, id(self))
         self.encoders = []
-        registry = self.unet._diffusers_hook
-        registry.remove_hook(CONTROLLER_HOOK, recurse=False)
-        restored = self.unet.__dict__.get("forward")
-        if not registry.hooks and getattr(restored, "__func__", None) is type(self.unet).forward:
-            del self.unet._diffusers_hook
-            del self.unet.forward
+        remove_hook(self.unet, CONTROLLER_HOOK)
 
 
 def _is_negative_of(negative: TextRow | None, prompt: TextRow | None) -> bool:

@@ -17,7 +17,7 @@ def session() -> MembraneSession:
 
 
 def test_shipped_membranes_are_the_worlds():
-    assert sorted(shipped_membranes("concept-world")) == ["blue", "green", "red"]
+    assert sorted(shipped_membranes("concept-world")) == ["blue", "circle", "dotted", "red", "star", "striped"]
     assert shipped_membranes("runwayml/stable-diffusion-v1-5") == {}
 
 

@@ -114,6 +114,29 @@ def test_default_transport_reproduces_reference_images(pipe, snoopy):
     assert abs(ours - expected).max() < 2e-4
 
 
+def test_rate_floor_gates_unrelated_prompts_at_the_floor(pipe, snoopy):
+    """With `floor`, a prompt rated below it acts as the membrane at scale floor ** power, always on."""
+    from diffusers_spm import TransportConfig
+
+    _, path = snoopy
+    prompt = "a red car on a road"  # tokenuni rates it 0 against "snoopy"
+    pipe.load_spm(path)
+    pipe.set_spm_transport(True, metric="tokenuni")
+    assert pipe.get_spm_transport_rates(prompt)["snoopy"] == [0.0]
+    plain = generate(pipe, prompt)
+    pipe.set_spm_transport(TransportConfig(metric="tokenuni", floor=0.5))
+    floored = generate(pipe, prompt)
+    pipe.set_spm_transport(False)
+    pipe.set_spm_scale(0.25)
+    always_on = generate(pipe, prompt)
+    assert abs(floored - plain).max() > 1e-3
+    assert abs(floored - always_on).max() < 1e-5
+    assert torch.equal(TransportConfig(floor=0.3).gates(torch.tensor([[0.0, 0.5]]), torch.tensor([1.0, 2.0])),
+                       torch.tensor([[0.3 ** 2, 2 * 0.5 ** 2]]))
+    with pytest.raises(ValueError, match="floor"):
+        TransportConfig(floor=1.5)
+
+
 def test_composition_is_linear_without_cross_terms(pipe, tmp_path):
     a = random_membrane(pipe.unet, ["snoopy"], seed=1, std=0.2)
     b = random_membrane(pipe.unet, ["van gogh"], seed=2, std=0.2)

@@ -248,8 +248,8 @@ def test_two_threads_get_the_images_of_sequential_calls(pipe, tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    for i in range(2):
-        assert np.array_equal(threaded[i], sequential[i]), np.abs(threaded[i] - sequential[i]).max()
+    for i in range(2):  # mixed gates differ by ~0.1; the tolerance only absorbs float summation order
+        np.testing.assert_allclose(threaded[i], sequential[i], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- paper cuts

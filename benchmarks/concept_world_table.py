@@ -39,7 +39,7 @@ SEEDS = (0, 1, 2)
 SIX = ("red", "blue", "circle", "star", "striped", "dotted")
 ABLATED = ("red", "circle")
 METRICS = ("tokensim", "clipcos_tokenuni")
-CHECKPOINTS = (100, 200, 300)
+CHECKPOINTS = (50, 100, 200)
 FLOORS = (0.1, 0.3)
 EVALUATION = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
 BASE = WorldTraining(save_every=50)
@@ -68,6 +68,7 @@ TRAIN_JOBS = (
     [("shipped", c, s) for c in SIX for s in SEEDS]
     + [("random-anchors", c, s) for c in ABLATED for s in SEEDS]
     + [("stale5", "red", s) for s in SEEDS]
+    + [("templates", "striped", s) for s in SEEDS]
     + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
     + [(v, "red", s) for v in ("erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
     + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
@@ -144,8 +145,9 @@ def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
     for concept in (c.name for c in ALL_CONCEPTS if c.name not in SIX):
         jobs[f"concept_{concept}"] = lambda p, j, w, c=concept: compare(
             p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], EVALUATION).as_dict()
-    jobs["templates_red"] = lambda p, j, w: compare(p, j, w, ["red"], spm_rows(output, "red", "templates",
-                                                                               "SPM, templates"), EVALUATION).as_dict()
+    for concept in ("striped", "red"):
+        jobs[f"templates_{concept}"] = lambda p, j, w, c=concept: compare(
+            p, j, w, [c], spm_rows(output, c, "templates", "SPM, templates"), EVALUATION).as_dict()
     jobs["la_sweep_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
         row for name in ("la0", "shipped", "la10", "la100")
         for row in seed_rows(output, "red", f"la_strength {VARIANTS[name].settings.la_strength:g}, transport tokensim",

@@ -170,9 +170,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = [("tiny (test UNet), 16x16 latent", run(tiny_pipeline, 16, args.tiny_iterations, args.device,
-                                                    args.denoising_steps, warmup=True))]
-    print(rows[-1], flush=True)
+    rows = []
+    if args.tiny_iterations:
+        rows.append(("tiny (test UNet), 16x16 latent", run(tiny_pipeline, 16, args.tiny_iterations, args.device,
+                                                           args.denoising_steps, warmup=True)))
+        print(rows[-1], flush=True)
     if args.sd15_iterations:
         rows.append((f"SD-1.5-size UNet, {args.sd15_latent}x{args.sd15_latent} latent",
                      run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps,

@@ -1,10 +1,11 @@
-"""Injection of membranes into a UNet, and the controller that gates them on every UNet call.
+"""Injection of membranes into a denoiser, and the controller that gates them on every denoiser call.
 
-`membrane_targets` finds the layers the reference adapts (every Linear/Conv2d inside each
-`Transformer2DModel`). `MembraneController` is a diffusers `ModelHook` on the UNet: it owns the
-loaded membranes' scales, the transport settings and the per-call gates, and every layer's
-`MembraneLayerHook` reads them from it. Pipelines describe a call with `pipeline_call`; plain
-`unet(...)` calls are gated from their `encoder_hidden_states` alone.
+`membrane_targets` finds the layers a denoiser's family adapts (`diffusers_spm.families`: on UNets,
+every Linear/Conv2d inside each `Transformer2DModel`, the reference's rule). `MembraneController` is
+a diffusers `ModelHook` on the denoiser: it owns the loaded membranes' scales, the transport
+settings and the per-call gates, and every layer's `MembraneLayerHook` reads them from it.
+Pipelines describe a call with `pipeline_call`; plain denoiser calls are gated from their text
+states alone.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
+from .families import family_of, mismatch_hint
 from .layers import MembraneBank, attach_bank, detach_bank, layer_hook
-from .membrane import Membrane, MembraneFormatError, kohya_name
+from .membrane import Membrane, MembraneFormatError
 from .transport import TransportConfig, TransportRate
 
 logger = logging.getLogger(__name__)
@@ -33,37 +34,13 @@ _call_ids = itertools.count(1)
 
 
 def membrane_targets(unet: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """Reference layer name -> (module path, base layer) for every adapted layer of `unet`.
-
-    Layers already wrapped by PEFT (an ordinary LoRA) are adapted through their base layer, under
-    the path the unwrapped model has, so membranes and LoRAs stack in either order.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    targets: dict[str, tuple[str, nn.Module]] = {}
-    for block_path, block in unet.named_modules():
-        if not isinstance(block, Transformer2DModel):
-            continue
-        wrapped: list[str] = []
-        for child_path, child in block.named_modules():
-            if any(child_path.startswith(w + ".") for w in wrapped):
-                continue
-            if isinstance(child, BaseTunerLayer):
-                wrapped.append(child_path)
-                child = child.get_base_layer()
-            if isinstance(child, (nn.Linear, nn.Conv2d)):
-                path = f"{block_path}.{child_path}"
-                targets[kohya_name(path)] = (path, child)
-    return targets
+    """Reference layer name -> (module path, base layer) for every adapted layer of a denoiser (its family's rule)."""
+    return family_of(unet).targets(unet)
 
 
 def architecture_of(unet: nn.Module) -> str:
-    """A readable name for error messages: sd1 / sd2 / sdxl by text width, else the width itself."""
-    config = getattr(unet, "config", None)
-    width = getattr(config, "cross_attention_dim", None)
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        return "sdxl" if width == 2048 else f"sdxl-like (cross_attention_dim={width})"
-    return {768: "sd1", 1024: "sd2"}.get(width, f"custom (cross_attention_dim={width})")
+    """A readable name of the denoiser's variant (sd1 / sd2 / sdxl, flux-..., ...) for metadata and messages."""
+    return family_of(unet).architecture(unet)
 
 
 @dataclass
@@ -74,7 +51,7 @@ class AdapterState:
     scale: float = 1.0
     concept_embeds: torch.Tensor | None = None
     concept_tokens: list[set[int]] | None = None
-    concept_ends: list[int] | None = None  # end-of-text positions, for the `eoscos` metrics
+    concept_pooled: torch.Tensor | None = None  # end-of-text summaries, for the `eoscos` metrics
 
 
 @dataclass
@@ -129,7 +106,11 @@ class MembraneController(ModelHook):
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # the denoiser: a UNet or a diffusion transformer
+        self.family = family_of(unet)
+        # Memory policy: a call whose rows share gates may run each layer on merged weights (one extra
+        # copy of every adapted weight for the call); off by default, so peak memory stays at the banks.
+        self.merge_per_call = False
         self.adapters: dict[str, AdapterState] = {}
         self.transport = TransportConfig()
         self.enabled = True
@@ -153,7 +134,7 @@ class MembraneController(ModelHook):
     @property
     def targets(self) -> dict[str, tuple[str, nn.Module]]:
         if self._targets is None:
-            self._targets = membrane_targets(self.unet)
+            self._targets = self.family.targets(self.unet)
         return self._targets
 
     def banks(self) -> Iterator[tuple[nn.Module, MembraneBank]]:
@@ -194,21 +175,16 @@ class MembraneController(ModelHook):
                 misshapen.append(f"{name}: membrane in/out {got_down}/{got_up[0]} vs layer {want_down}/{want_up[0]}")
         if not missing and not misshapen:
             return
-        hint = ""
-        if membrane.cross_attention_dim is not None:
-            hint = (
-                f" The membrane was made for text width {membrane.cross_attention_dim}"
-                f"{f' ({membrane.architecture})' if membrane.architecture else ''}; this UNet is "
-                f"{architecture_of(self.unet)}."
-            )
-        lines = [f"{source} does not fit this UNet.{hint}"]
+        hint = mismatch_hint(membrane, self.unet)
+        lines = [f"{source} does not fit this {self.family.denoiser_attribute}.{hint}"]
         if missing:
             lines.append(f"{len(missing)} membrane layers have no such module here: {', '.join(missing[:5])}"
                          + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
         if misshapen:
             lines.append(f"{len(misshapen)} layers have other shapes: {'; '.join(misshapen[:5])}"
                          + (f" (and {len(misshapen) - 5} more)" if len(misshapen) > 5 else ""))
-        lines.append("Load a membrane trained for this architecture (same UNet layout), or convert it.")
+        lines.append(f"Load a membrane trained for this architecture (same {self.family.denoiser_attribute} layout), "
+                     "or convert it.")
         raise MembraneFormatError("\n".join(lines))
 
     def add(self, name: str, membrane: Membrane, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
@@ -346,8 +322,8 @@ class MembraneController(ModelHook):
             self.current = None
 
     def _forward_gates(self, *args: Any, **kwargs: Any) -> ForwardGates:
-        sample = kwargs.get("sample", args[0] if args else None)
-        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        sample = self.family.batch_argument.read(args, kwargs)
+        text = self.family.text_argument.read(args, kwargs)
         batch = sample.shape[0]
         gates = self.call.rows(batch) if self.call is not None else None
         if gates is None:
@@ -358,7 +334,8 @@ class MembraneController(ModelHook):
             gates = gates[0]
         if not bool(gates.any()):
             return _OFF
-        merge_key = (self.call.call_id, self.version) if self.call is not None and gates.dim() == 1 else None
+        merges = self.merge_per_call and self.call is not None and gates.dim() == 1
+        merge_key = (self.call.call_id, self.version) if merges else None
         return ForwardGates(gates=gates.to(sample.device), merge_key=merge_key)
 
     def embedding_gates(self, text: torch.Tensor | None) -> torch.Tensor | None:

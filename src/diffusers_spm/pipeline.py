@@ -1,8 +1,9 @@
 """`SPMPipelineMixin`: `load_spm`, `set_spm_scale`, `unload_spm`, ... on diffusers pipelines.
 
 The mixin only describes each pipeline call to the UNet's `MembraneController` (the prompts'
-transport gates); the model code stays the model's. It works on any pipeline with a
-`UNet2DConditionModel`, a CLIP text encoder, a tokenizer and an `encode_prompt` method.
+transport gates); the model code stays the model's. It works on any pipeline whose denoiser a
+registered family describes (`diffusers_spm.families`: SD 1.x/2.x/XL UNets, SD3/3.5, Flux.1,
+Sana), with the text encoders, tokenizer and `encode_prompt` that family reads.
 """
 
 from __future__ import annotations
@@ -18,18 +19,25 @@ from typing import Any, Sequence
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
+from torch import nn
 
+from .families import DenoiserFamily, RowLayout, UnsupportedDenoiserError, denoiser_of, family_of
 from .hub import resolve_membrane
 from .membrane import Membrane
 from .model import CallGates, MembraneController
-from .transport import TransportConfig, TransportRate, at_end_of_text
+from .transport import TransportConfig, TransportRate
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +61,26 @@ class SPMPipelineMixin:
         """
         path, default_name = resolve_membrane(pretrained_model_name_or_path, weight_name, **hub_kwargs)
         name = adapter_name or default_name
-        existing = MembraneController.of(self.unet)
+        existing = MembraneController.of(self._spm_denoiser)
         if existing is not None and name in existing.adapters:
             raise ValueError(
                 f"A membrane named {name!r} is already loaded. Pass another `adapter_name`, or "
                 f"`pipe.unload_spm({name!r})` first."
             )
-        membrane = Membrane.from_file(path)
+        denoiser = self._spm_denoiser
+        membrane = self._spm_family.to_runtime_names(Membrane.from_file(path), denoiser)
         _check_scale(name, scale)
-        controller = MembraneController.of(self.unet, create=True)
+        controller = MembraneController.of(denoiser, create=True)
         try:
-            controller.add(name, membrane, dtype=self.unet.dtype, scale=scale)
+            controller.add(name, membrane, dtype=denoiser.dtype, scale=scale)
         finally:
             if not controller.adapters:
                 controller.detach()
         logger.info("Loaded membrane %r (%s) on %d layers.", name, ", ".join(membrane.concepts), len(membrane.modules))
 
     def unload_spm(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Remove one, several or (by default) all membranes; the UNet is returned bit for bit."""
-        controller = MembraneController.of(self.unet)
+        """Remove one, several or (by default) all membranes; the denoiser is returned bit for bit."""
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None:
             if adapter_names is not None:
                 raise ValueError(f"No membranes are loaded, so {adapter_names!r} cannot be unloaded.")
@@ -87,8 +96,9 @@ class SPMPipelineMixin:
             controller.detach()
 
     def save_spm(self, adapter_name: str, save_path: str | os.PathLike) -> Path:
-        """Write a loaded membrane in the reference format with our metadata."""
-        return self._spm_controller().membrane(adapter_name).save(save_path)
+        """Write a loaded membrane with our metadata: the reference layout for UNets, the diffusers/PEFT
+        layout for diffusion transformers (`diffusers-spm convert --to kohya` for ComfyUI's)."""
+        return self._spm_family.save(self._spm_controller().membrane(adapter_name), save_path, self._spm_denoiser)
 
     # ------------------------------------------------------------------ settings
     def set_spm_scale(self, scale: float | dict[str, float]) -> None:
@@ -123,7 +133,7 @@ class SPMPipelineMixin:
         return {name: rates[:, i].tolist() for i, name in enumerate(controller.names)}
 
     def get_active_spms(self) -> list[str]:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None or not controller.enabled:
             return []
         return [n for n, s in controller.adapters.items() if s.scale > 0 and n not in controller.fused]
@@ -149,7 +159,7 @@ class SPMPipelineMixin:
         controller.fuse(list(adapter_names) if adapter_names is not None else controller.names, scale)
 
     def unfuse_spm(self) -> None:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is not None:
             controller.unfuse()
 
@@ -164,7 +174,7 @@ class SPMPipelineMixin:
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None or not controller.active():
             return super().__call__(*args, **kwargs)
         with controller.pipeline_call(self._spm_call_gates(controller, args, kwargs)):
@@ -182,7 +192,11 @@ class SPMPipelineMixin:
         scales = controller.scales()
         gates = transport.gates(self._spm_rates(controller, prompts), scales)
         negative_gates = None
-        if transport.cfg_rows == "own" and arguments.get("negative_prompt_embeds") is None:
+        if transport.cfg_rows == "own" and controller.family.row_layout is not RowLayout.CFG_BATCH:
+            controller._warn_once("own-rows", f"cfg_rows='own' needs the negative rows in the prompts' batch; "
+                                  f"{controller.family.label} runs them as separate calls, which get the gates "
+                                  "of their prompts ('paired').")
+        elif transport.cfg_rows == "own" and arguments.get("negative_prompt_embeds") is None:
             negative = arguments.get("negative_prompt") or ""
             negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
             negative_gates = transport.gates(self._spm_rates(controller, negatives), scales)
@@ -193,14 +207,13 @@ class SPMPipelineMixin:
         """[P, N] raw rates with the controller's metric."""
         self._spm_prepare_concepts(controller)
         states = list(controller.adapters.values())
-        prompt_embeds, prompt_tokens, prompt_ends = self._spm_encode(prompts)
+        prompt_embeds, prompt_tokens, prompt_pooled = self._spm_encode(prompts)
         concept_embeds = torch.cat([s.concept_embeds for s in states])
         concept_tokens = [t for s in states for t in s.concept_tokens]
         rate = TransportRate(controller.transport.metric)
         if rate.pools_end_of_text:
-            prompt_embeds = at_end_of_text(prompt_embeds, prompt_ends)
-            concept_embeds = at_end_of_text(concept_embeds, [e for s in states for e in s.concept_ends])
-        token_embeddings = self.text_encoder.get_input_embeddings().weight if rate.metric == "tokensim" else None
+            prompt_embeds, concept_embeds = prompt_pooled, torch.cat([s.concept_pooled for s in states])
+        token_embeddings = self._spm_family.token_embeddings(self) if rate.metric == "tokensim" else None
         scores = rate.concept_scores(prompt_embeds, prompt_tokens, concept_embeds, concept_tokens, token_embeddings)
         return rate.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
 
@@ -213,25 +226,26 @@ class SPMPipelineMixin:
                         f"Membrane {name!r} names no concepts in its metadata, so Facilitated Transport cannot rate "
                         "prompts against it. Use `pipe.set_spm_transport(False)`, or re-save it with its concepts."
                     )
-                state.concept_embeds, state.concept_tokens, state.concept_ends = self._spm_encode(
+                state.concept_embeds, state.concept_tokens, state.concept_pooled = self._spm_encode(
                     state.membrane.concepts
                 )
 
-    @torch.no_grad()
-    def _spm_encode(self, texts: list[str]) -> tuple[torch.Tensor, list[set[int]], list[int]]:
-        """Text embeddings as the UNet sees them (`encode_prompt`), token sets without specials, and
-        each text's end-of-text position."""
-        embeds = self.encode_prompt(
-            prompt=texts, device=self._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )[0]
-        ids = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
-        ).input_ids
-        special, end = set(self.tokenizer.all_special_ids), self.tokenizer.eos_token_id
-        return embeds, [set(row) - special for row in ids], [row.index(end) for row in ids]
+    def _spm_encode(self, texts: list[str]) -> tuple[torch.Tensor, list[set[int]], torch.Tensor]:
+        """Text states as the denoiser sees them, token sets without specials, end-of-text summaries
+        (the family says which encoders give each)."""
+        return self._spm_family.encode(self, texts)
+
+    @property
+    def _spm_denoiser(self) -> nn.Module:
+        """The UNet or transformer that carries the membranes."""
+        return denoiser_of(self)
+
+    @property
+    def _spm_family(self) -> DenoiserFamily:
+        return family_of(self._spm_denoiser)
 
     def _spm_controller(self) -> MembraneController:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None or not controller.adapters:
             raise ValueError("No membranes are loaded; load one first with `pipe.load_spm(...)`.")
         return controller
@@ -262,6 +276,30 @@ class StableDiffusionXLImg2ImgSPMPipeline(SPMPipelineMixin, StableDiffusionXLImg
     """SDXL image-to-image with membranes."""
 
 
+class StableDiffusion3SPMPipeline(SPMPipelineMixin, StableDiffusion3Pipeline):
+    """SD3 / SD3.5 text-to-image with membranes."""
+
+
+class StableDiffusion3Img2ImgSPMPipeline(SPMPipelineMixin, StableDiffusion3Img2ImgPipeline):
+    """SD3 / SD3.5 image-to-image with membranes."""
+
+
+class StableDiffusion3InpaintSPMPipeline(SPMPipelineMixin, StableDiffusion3InpaintPipeline):
+    """SD3 / SD3.5 inpainting with membranes."""
+
+
+class FluxSPMPipeline(SPMPipelineMixin, FluxPipeline):
+    """Flux.1 text-to-image with membranes."""
+
+
+class FluxImg2ImgSPMPipeline(SPMPipelineMixin, FluxImg2ImgPipeline):
+    """Flux.1 image-to-image with membranes."""
+
+
+class FluxInpaintSPMPipeline(SPMPipelineMixin, FluxInpaintPipeline):
+    """Flux.1 inpainting with membranes."""
+
+
 _SPM_CLASSES: dict[type, type] = {}
 
 
@@ -273,13 +311,12 @@ def add_spm_support(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """
     if isinstance(pipe, SPMPipelineMixin):
         return pipe
-    missing = [
-        attr for attr in ("unet", "text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, attr, None) is None
-    ]
-    if missing or not isinstance(pipe.unet, UNet2DConditionModel):
-        raise TypeError(
-            f"{type(pipe).__name__} cannot take membranes: SPM needs a UNet2DConditionModel, a CLIP text encoder, a "
-            f"tokenizer and `encode_prompt` (missing: {', '.join(missing) or 'a UNet2DConditionModel'})."
+    family = family_of(denoiser_of(pipe))
+    missing = [attr for attr in ("text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, attr, None) is None]
+    if missing:
+        raise UnsupportedDenoiserError(
+            f"{type(pipe).__name__} cannot take membranes: its {family.label} is supported, but transport reads "
+            f"the text encoder, tokenizer and `encode_prompt`, and it lacks {', '.join(missing)}."
         )
     cls = type(pipe)
     if cls not in _SPM_CLASSES:

@@ -1,25 +1,32 @@
 """Tiny diffusion-transformer pipelines (SD3, Flux, Sana) built offline from configs, random weights.
 
-Shapes follow diffusers' own pipeline tests; the T5 tokenizer is a real `T5Tokenizer` over a small
-Unigram vocabulary built here, so nothing downloads.
+Shapes follow diffusers' own pipeline tests; the T5 and Gemma tokenizers are real tokenizer classes
+over small vocabularies built here (Unigram, and BPE trained on the test words), so nothing downloads.
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizerFast,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -98,5 +105,43 @@ def tiny_flux_pipeline(seed: int = 0, cls=FluxPipeline):
     pipe = cls(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(1, seed),
                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                tokenizer_2=t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def gemma_tokenizer(max_length: int = 64) -> GemmaTokenizerFast:
+    """A Gemma tokenizer whose BPE is trained on the test words (letters for anything else)."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], vocab_size=200,
+                                  show_progress=False, initial_alphabet=list("abcdefghijklmnopqrstuvwxyz"))
+    tokenizer.train_from_iterator([" ".join(WORDS)] * 3, trainer)
+    return GemmaTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                              unk_token="<unk>", mask_token="<mask>", model_max_length=max_length)
+
+
+def tiny_sana_pipeline(seed: int = 0, cls=SanaPipeline):
+    """Sana-shaped: a one-layer Gemma-2 (8 wide), one linear-attention block with cross-attention and GLUMBConv."""
+    tokenizer = gemma_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                         num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
+                                         cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+                                         sample_size=32)
+    torch.manual_seed(seed + 1)
+    text_encoder = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                            num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                            pad_token_id=0)).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+               scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from diffusers import (
@@ -123,6 +123,20 @@ class SPMPipelineMixin:
         controller = self._spm_controller()
         controller.transport = TransportConfig(enabled=enabled, metric=metric, power=power, cfg_rows=cfg_rows,
                                                floor=floor)
+        controller.changed()
+
+    def set_spm_memory(self, mode: Literal["stacked", "merged"] = "stacked") -> None:
+        """How a call whose rows share their gates runs the adapted layers.
+
+        `stacked` (default): each layer adds `U (G * D x)` beside its base op; no weight is copied, so
+        peak memory over the plain pipeline is the membranes themselves. `merged`: each layer runs on
+        `W + sum g_i dW_i`, built once per call and dropped after it: slightly faster per step, but one
+        extra copy of every adapted weight during the call (about 1 GB fp32 on SD 1.x, over 20 GB on
+        Flux): choose it only where that fits. Quantized bases always run stacked."""
+        if mode not in ("stacked", "merged"):
+            raise ValueError(f"SPM memory mode must be 'stacked' or 'merged', got {mode!r}.")
+        controller = self._spm_controller()
+        controller.merge_per_call = mode == "merged"
         controller.changed()
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:

@@ -15,7 +15,7 @@ from ..membrane import KOHYA_PREFIX, Membrane
 from .base import DenoiserFamily, ForwardArgument, RowLayout, TextEncoding
 
 # Detection order matters where path signatures overlap: the most specific first.
-_MODULES = ("unet", "flux", "sd3")
+_MODULES = ("unet", "flux", "sana", "sd3")
 
 FAMILIES: dict[str, DenoiserFamily] = {}
 

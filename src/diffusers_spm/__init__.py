@@ -4,7 +4,13 @@ from .layers import MembraneBank, MembraneLayerHook
 from .membrane import Membrane, MembraneFormatError, MembraneModule
 from .model import MembraneController, membrane_targets
 from .pipeline import (
+    FluxImg2ImgSPMPipeline,
+    FluxInpaintSPMPipeline,
+    FluxSPMPipeline,
     SPMPipelineMixin,
+    StableDiffusion3Img2ImgSPMPipeline,
+    StableDiffusion3InpaintSPMPipeline,
+    StableDiffusion3SPMPipeline,
     StableDiffusionImg2ImgSPMPipeline,
     StableDiffusionInpaintSPMPipeline,
     StableDiffusionSPMPipeline,
@@ -23,7 +29,13 @@ __all__ = [
     "MembraneFormatError",
     "MembraneLayerHook",
     "MembraneModule",
+    "FluxImg2ImgSPMPipeline",
+    "FluxInpaintSPMPipeline",
+    "FluxSPMPipeline",
     "SPMPipelineMixin",
+    "StableDiffusion3Img2ImgSPMPipeline",
+    "StableDiffusion3InpaintSPMPipeline",
+    "StableDiffusion3SPMPipeline",
     "StableDiffusionImg2ImgSPMPipeline",
     "StableDiffusionInpaintSPMPipeline",
     "StableDiffusionSPMPipeline",

@@ -323,7 +323,7 @@ def test_settings_change_only_through_the_controller_and_invalidate_merged_weigh
     _, path = snoopy
     pipe.load_spm(path)
     controller = MembraneController.of(pipe.unet)
-    for attribute in ("enabled", "transport"):
+    for attribute in ("enabled", "transport", "merge_per_call"):
         with pytest.raises(AttributeError):
             setattr(controller, attribute, getattr(controller, attribute))
     changes = [
@@ -332,6 +332,8 @@ def test_settings_change_only_through_the_controller_and_invalidate_merged_weigh
         lambda: pipe.set_spm_scale(0.5),
         pipe.disable_spm,
         pipe.enable_spm,
+        lambda: pipe.set_spm_memory("merged"),
+        lambda: pipe.set_spm_memory("stacked"),
         controller.weights_changed,
     ]
     for change in changes:

@@ -4,7 +4,13 @@ from .layers import MembraneBank, MembraneLayerHook
 from .membrane import LowRankPair, Membrane, MembraneFormatError
 from .controller import MembraneController, membrane_targets
 from .pipeline import (
+    FluxImg2ImgSPMPipeline,
+    FluxInpaintSPMPipeline,
+    FluxSPMPipeline,
     SPMPipelineMixin,
+    StableDiffusion3Img2ImgSPMPipeline,
+    StableDiffusion3InpaintSPMPipeline,
+    StableDiffusion3SPMPipeline,
     StableDiffusionImg2ImgSPMPipeline,
     StableDiffusionInpaintSPMPipeline,
     StableDiffusionSPMPipeline,
@@ -17,6 +23,9 @@ from .transport import TransportConfig, TransportScorer
 __version__ = "0.1.0"
 
 __all__ = [
+    "FluxImg2ImgSPMPipeline",
+    "FluxInpaintSPMPipeline",
+    "FluxSPMPipeline",
     "LowRankPair",
     "Membrane",
     "MembraneBank",
@@ -24,6 +33,9 @@ __all__ = [
     "MembraneFormatError",
     "MembraneLayerHook",
     "SPMPipelineMixin",
+    "StableDiffusion3Img2ImgSPMPipeline",
+    "StableDiffusion3InpaintSPMPipeline",
+    "StableDiffusion3SPMPipeline",
     "StableDiffusionImg2ImgSPMPipeline",
     "StableDiffusionInpaintSPMPipeline",
     "StableDiffusionSPMPipeline",

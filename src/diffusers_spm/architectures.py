@@ -1,4 +1,5 @@
-"""The UNet layouts of SD 1.x, 2.x and XL, built on the meta device (no weights, no download).
+"""Denoisers built on the meta device (no weights): the shipped SD 1.x, 2.x and XL UNet layouts, or
+any supported family's from a model folder's config.
 
 They let a membrane file be mapped to module paths, checked, or converted without a checkpoint:
 reference names are resolved against a real module tree, never parsed.
@@ -12,6 +13,7 @@ from importlib import resources
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
 from .membrane import Membrane, MembraneFormatError
 from .controller import membrane_targets
@@ -50,15 +52,31 @@ def detect_architecture(membrane: Membrane) -> str:
             return architecture
     raise MembraneFormatError(
         f"The membrane's {len(membrane.modules)} layers match none of {', '.join(ARCHITECTURES)}. "
-        "Pass the base model it was made for (`--base`)."
+        "Pass the base model it was made for (`--base`; diffusion transformers always need it)."
     )
 
 
-def name_to_path(membrane: Membrane, base: str | None = None) -> dict[str, str]:
-    """Module paths for the membrane's layers, from `base` (a model folder or Hub id) or a known layout."""
-    if base is not None:
-        from .bases import unet_config as base_unet_config
+def meta_denoiser(base: str) -> nn.Module:
+    """The denoiser of the model at `base` (a folder, Hub id or `concept-world`) on the meta device,
+    whatever its family; only its `unet/` or `transformer/` config is read."""
+    from .bases import BaseModelError, resolve_base
+    from .families import FAMILIES, supported
 
-        config = base_unet_config(base)
-        return {name: path for name, (path, _) in membrane_targets(meta_unet(config)).items()}
-    return {name: path for name, (path, _) in layout(detect_architecture(membrane)).items()}
+    source = resolve_base(base, needs=tuple(f"{f.denoiser_attribute}/config.json" for f in FAMILIES.values()))
+    for family in FAMILIES.values():
+        cls = family.denoiser_classes[0]
+        try:
+            config = cls.load_config(source, subfolder=family.denoiser_attribute)
+        except (OSError, ValueError):
+            continue
+        if config.get("_class_name") in {c.__name__ for c in family.denoiser_classes}:
+            with torch.device("meta"):
+                return cls.from_config(config)
+    raise BaseModelError(f"{base} has no unet/ or transformer/ config of a supported denoiser ({supported()}).")
+
+
+def denoiser_for(membrane: Membrane, base: str | None = None) -> nn.Module:
+    """The denoiser a membrane's layers are named against: `base`'s, or a known UNet layout that fits."""
+    if base is not None:
+        return meta_denoiser(base)
+    return meta_unet(unet_config(detect_architecture(membrane)))

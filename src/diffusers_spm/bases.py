@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from huggingface_hub.errors import HFValidationError
 
 from .utils import torch_dtype
@@ -23,9 +23,9 @@ class BaseModelError(ValueError):
     """A `--base` that names no loadable diffusers pipeline."""
 
 
-def resolve_base(base: str | os.PathLike, needs: str = "model_index.json") -> str:
+def resolve_base(base: str | os.PathLike, needs: str | tuple[str, ...] = "model_index.json") -> str:
     """The folder or Hub id that `base` names; a local folder must hold `needs` (a pipeline's index, or
-    `unet/config.json` where only the UNet layout is read)."""
+    one of the denoiser configs where only the denoiser's layout is read)."""
     text = str(base)
     if text == CONCEPT_WORLD:
         from .concept_world.model import WEIGHTS_DIR
@@ -36,8 +36,9 @@ def resolve_base(base: str | os.PathLike, needs: str = "model_index.json") -> st
         raise BaseModelError(f"{text} is a file; a base model is a diffusers folder (with model_index.json), "
                              f"a Hub id, or `{CONCEPT_WORLD}`.")
     if path.is_dir():
-        if not (path / needs).is_file():
-            raise BaseModelError(f"{text} is a folder but not a diffusers pipeline (no {needs}); pass a "
+        needs = (needs,) if isinstance(needs, str) else needs
+        if not any((path / need).is_file() for need in needs):
+            raise BaseModelError(f"{text} is a folder but not a diffusers pipeline (no {' or '.join(needs)}); pass a "
                                  f"folder written by `save_pretrained`, a Hub id, or `{CONCEPT_WORLD}`.")
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
@@ -52,15 +53,6 @@ def from_pretrained(base: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline
         return DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, HFValidationError) as exc:
         raise BaseModelError(f"Cannot load the base model {str(base)!r}: {_first_line(exc)}") from exc
-
-
-def unet_config(base: str | os.PathLike) -> dict:
-    """The UNet config of `base`, without loading weights."""
-    source = resolve_base(base, needs="unet/config.json")
-    try:
-        return UNet2DConditionModel.load_config(source, subfolder="unet")
-    except (OSError, HFValidationError) as exc:
-        raise BaseModelError(f"Cannot read the UNet config of {str(base)!r}: {_first_line(exc)}") from exc
 
 
 def load_base_pipeline(base: str | os.PathLike, dtype: str = "fp32", device: str | None = None) -> DiffusionPipeline:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .bases import BASE_HELP, load_base_pipeline
+from .families.base import FILE_LAYOUTS
 from .membrane import PICKLE_SUFFIXES, Membrane
 from .transport import METRICS, TransportConfig
 from .utils import DTYPES
@@ -23,28 +24,19 @@ def read_any(path: Path) -> Membrane:
 
 
 def convert(source: Path, target: Path, to: str, base: str | None = None) -> Path:
-    """Write `source` in the reference (kohya) layout or the diffusers (PEFT) LoRA layout."""
+    """Write `source` in the reference, diffusers (PEFT) or kohya/ComfyUI layout (see `FILE_LAYOUTS`).
+
+    The layers are named against `base`'s denoiser (a model folder or Hub id; required for diffusion
+    transformers), or against the SD 1.x / 2.x / XL UNet layout the membrane's shapes fit."""
+    from .architectures import denoiser_for
+    from .families import family_of
+
     membrane = read_any(source)
-    if to == "reference":
+    if to == "reference" and base is None:
         return membrane.save(target)
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from peft import LoraConfig
-
-    from .architectures import name_to_path
-
-    paths = name_to_path(membrane, base)
-    state_dict = {k.removeprefix("unet."): v for k, v in membrane.diffusers_state_dict(paths).items()}
-    ranks = {m.rank for m in membrane.modules.values()}
-    alphas = {m.alpha for m in membrane.modules.values()}
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise ValueError("The diffusers layout stores one rank and alpha per file; this membrane mixes several.")
-    config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), target_modules=sorted(paths[n] for n in membrane.modules))
-    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        target.parent, unet_lora_layers=state_dict, weight_name=target.name, unet_lora_adapter_metadata=metadata
-    )
-    return target
+    denoiser = denoiser_for(membrane, base)
+    family = family_of(denoiser)
+    return family.save(family.to_runtime_names(membrane, denoiser), target, denoiser, layout=to)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -91,12 +83,15 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    convert_parser = subparsers.add_parser("convert", help="convert a membrane between reference and diffusers layouts")
+    convert_parser = subparsers.add_parser(
+        "convert", help="convert a membrane between the reference, diffusers (PEFT) and kohya/ComfyUI layouts")
     convert_parser.add_argument("input", help=".safetensors, or a reference .pt/.ckpt (read with weights_only=True)")
     convert_parser.add_argument("output", help="the .safetensors file to write")
-    convert_parser.add_argument("--to", choices=("reference", "diffusers"), required=True)
-    convert_parser.add_argument("--base", help=f"{BASE_HELP}, whose UNet layout names the layers "
-                                               "(default: detect SD 1.x / 2.x / XL from the shapes)")
+    convert_parser.add_argument("--to", choices=FILE_LAYOUTS, required=True,
+                                help="kohya: the original-checkpoint keys ComfyUI and kohya's trainers use for "
+                                     "SD3 and Flux (q/k/v fused); for UNets the same as reference")
+    convert_parser.add_argument("--base", help=f"{BASE_HELP}, whose denoiser names the layers (required for "
+                                               "SD3/Flux/Sana; default: detect SD 1.x / 2.x / XL from the shapes)")
     convert_parser.set_defaults(handler=_convert)
 
     generate = subparsers.add_parser("generate", help="generate images with membranes")

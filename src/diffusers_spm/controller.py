@@ -1,12 +1,15 @@
-"""Injection of membranes into a UNet, and the controller that gates them on every UNet call.
+"""Injection of membranes into a denoiser, and the controller that gates them on every denoiser call.
 
-`membrane_targets` finds the layers the reference adapts (every Linear/Conv2d inside each
-`Transformer2DModel`). `MembraneController` is a diffusers `ModelHook` on the UNet: it owns the
-loaded membranes' scales and the transport settings, and at each UNet forward it computes the
-rows' gates from `encoder_hidden_states` (whose texts the text encoders' hooks recorded,
-`encodings.py`), so every route into the UNet is gated alike. Every layer's `MembraneLayerHook`
-reads the gates of the running forward. Per-forward and per-call state lives in context
-variables, so concurrent calls from several threads never see each other's gates.
+`membrane_targets` finds the layers a denoiser's family adapts (`diffusers_spm.families`: on UNets,
+every Linear/Conv2d inside each `Transformer2DModel`, the reference's rule). `MembraneController`
+is a diffusers `ModelHook` on the denoiser (UNet or transformer): it owns the loaded membranes'
+scales and the transport settings, and at each denoiser forward it computes the rows' gates from
+the text states (whose texts the text encoders' hooks recorded, `encodings.py`), so every route
+into the denoiser is gated alike. Families whose text states cannot be traced to their texts yet
+(`DenoiserFamily.rates_per_call`) are rated per pipeline call instead (`PromptGates`). Every
+layer's `MembraneLayerHook` reads the gates of the running forward. Per-forward and per-call
+state lives in context variables, so concurrent calls from several threads never see each
+other's gates.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from .encodings import TextEncoderHook, TextRow, describe, observe, unobserve
+from .families import TextEncoding, family_of, mismatch_hint
 from .hooks import add_hook, get_hook, remove_hook
 from .layers import MembraneBank, attach_bank, bank_of, detach_bank, layer_shape
-from .membrane import Membrane, MembraneFormatError, kohya_name
+from .membrane import Membrane, MembraneFormatError
 from .transport import TransportConfig, TransportScorer
 
 logger = logging.getLogger(__name__)
@@ -53,38 +56,14 @@ def lora_wrappers(unet: nn.Module) -> dict[int, nn.Module]:
     return {id(m.get_base_layer()): m for m in unet.modules() if isinstance(m, BaseTunerLayer)}
 
 
-def membrane_targets(unet: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """Reference layer name -> (module path, base layer) for every adapted layer of `unet`.
-
-    Layers already wrapped by PEFT (an ordinary LoRA) are adapted through their base layer, under
-    the path the unwrapped model has, so membranes and LoRAs stack in either order.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    targets: dict[str, tuple[str, nn.Module]] = {}
-    for block_path, block in unet.named_modules():
-        if not isinstance(block, Transformer2DModel):
-            continue
-        wrapped: list[str] = []
-        for child_path, child in block.named_modules():
-            if any(child_path.startswith(w + ".") for w in wrapped):
-                continue
-            if isinstance(child, BaseTunerLayer):
-                wrapped.append(child_path)
-                child = child.get_base_layer()
-            if isinstance(child, (nn.Linear, nn.Conv2d)):
-                path = f"{block_path}.{child_path}"
-                targets[kohya_name(path)] = (path, child)
-    return targets
+def membrane_targets(denoiser: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Reference layer name -> (module path, base layer) for every adapted layer of a denoiser (its family's rule)."""
+    return family_of(denoiser).targets(denoiser)
 
 
-def architecture_of(unet: nn.Module) -> str:
-    """A readable name for error messages: sd1 / sd2 / sdxl by text width, else the width itself."""
-    config = getattr(unet, "config", None)
-    width = getattr(config, "cross_attention_dim", None)
-    if getattr(config, "addition_embed_type", None) == "text_time":
-        return "sdxl" if width == 2048 else f"sdxl-like (cross_attention_dim={width})"
-    return {768: "sd1", 1024: "sd2"}.get(width, f"custom (cross_attention_dim={width})")
+def architecture_of(denoiser: nn.Module) -> str:
+    """A readable name of the denoiser's variant (sd1 / sd2 / sdxl, flux-..., ...) for metadata and messages."""
+    return family_of(denoiser).architecture(denoiser)
 
 
 @dataclass
@@ -93,21 +72,54 @@ class AdapterState:
 
     membrane: Membrane  # metadata only: `modules` is emptied once the weights sit in the banks
     scale: float = 1.0
-    concept_embeds: torch.Tensor | None = None  # [C, L, D], as `encode_prompt` gives them to the UNet
-    concept_rows: list[TextRow] | None = None  # the concepts' texts per text encoder
+    concept_embeds: torch.Tensor | None = None  # [C, L, D], as `encode_prompt` gives them to the denoiser
+    concept_rows: list[TextRow] | None = None  # the concepts' texts per text encoder (hooked families)
+    concept_text: TextEncoding | None = None  # tokens and end-of-text summaries (families rated per call)
+
+
+@dataclass
+class PromptGates:
+    """The gates of one pipeline call, per prompt, for families rated per call; expanded to denoiser
+    rows on first use.
+
+    Diffusers pipelines lay the batch out as [negative rows, prompt rows] under CFG, each prompt
+    repeated `images_per_prompt` times; a batch of another size is rated row by row from its text
+    states (`MembraneController.rates`)."""
+
+    prompt_gates: torch.Tensor  # [P, N]
+    negative_gates: torch.Tensor | None  # [P, N] with `cfg_rows="own"`, else the prompts' gates
+    images_per_prompt: int
+    _rows: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def rows(self, batch: int) -> torch.Tensor | None:
+        """[batch, N] gates, or None when `batch` is not this call's layout."""
+        if batch not in self._rows:
+            cond = self.prompt_gates.repeat_interleave(self.images_per_prompt, dim=0)
+            uncond = cond if self.negative_gates is None else self.negative_gates.repeat_interleave(
+                self.images_per_prompt, dim=0)
+            layouts = {cond.shape[0]: cond, 2 * cond.shape[0]: torch.cat([uncond, cond])}
+            self._rows[batch] = layouts.get(batch)
+            if self._rows[batch] is None:
+                logger.warning(
+                    "Denoiser batch of %d rows does not match %d prompts x %d images (x2 with CFG); rating each "
+                    "row from its own text states instead.", batch, self.prompt_gates.shape[0], self.images_per_prompt
+                )
+        return self._rows[batch]
 
 
 @dataclass
 class CallScope:
-    """One pipeline call: merged weights (per layer) live only as long as it runs."""
+    """One pipeline call: its per-prompt gates (families rated per call) and merged weights (per
+    layer, with `set_spm_memory("merged")`) live only as long as it runs."""
 
     controller: "MembraneController"
+    prompt_gates: PromptGates | None = None
     merged: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
 class ForwardGates:
-    """The gates of one UNet forward, as every layer hook reads them."""
+    """The gates of one denoiser forward, as every layer hook reads them."""
 
     controller: "MembraneController"
     gates: torch.Tensor  # [N] shared by all rows, or [B, N]; empty when every gate is zero
@@ -124,17 +136,21 @@ _FORWARD: ContextVar[ForwardGates | None] = ContextVar("spm_forward", default=No
 
 
 class MembraneController(ModelHook):
-    """Owns the membranes of one UNet: their order, scales, transport, and the gates per call."""
+    """Owns the membranes of one denoiser: their order, scales, transport, and the gates per call."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # the denoiser: a UNet or a diffusion transformer
+        self.family = family_of(unet)
         self.adapters: dict[str, AdapterState] = {}
         self.fused: list[str] = []
         self.encoders: list[TextEncoderHook] = []
         self.version = 0  # bumped by every change that invalidates merged weights cached in a call
         self._transport = TransportConfig()
         self._enabled = True
+        # Memory policy (`set_spm_memory`): a call whose rows share gates may run each layer on merged
+        # weights (one extra copy of every adapted weight for the call); off by default.
+        self._merge_per_call = False
         self._targets: dict[str, tuple[str, nn.Module]] | None = None
         self._warned: set[str] = set()
 
@@ -149,7 +165,7 @@ class MembraneController(ModelHook):
     @property
     def targets(self) -> dict[str, tuple[str, nn.Module]]:
         if self._targets is None:
-            self._targets = membrane_targets(self.unet)
+            self._targets = self.family.targets(self.unet)
         return self._targets
 
     def banks(self) -> Iterator[tuple[nn.Module, MembraneBank]]:
@@ -192,21 +208,16 @@ class MembraneController(ModelHook):
                                  f"layer {want.in_shape}/{want.out_features}")
         if not missing and not misshapen:
             return
-        hint = ""
-        if membrane.cross_attention_dim is not None:
-            hint = (
-                f" The membrane was made for text width {membrane.cross_attention_dim}"
-                f"{f' ({membrane.architecture})' if membrane.architecture else ''}; this UNet is "
-                f"{architecture_of(self.unet)}."
-            )
-        lines = [f"{source} does not fit this UNet.{hint}"]
+        hint = mismatch_hint(membrane, self.unet)
+        kind = "UNet" if self.family.denoiser_attribute == "unet" else "transformer"
+        lines = [f"{source} does not fit this {kind}.{hint}"]
         if missing:
             lines.append(f"{len(missing)} membrane layers have no such module here: {', '.join(missing[:5])}"
                          + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
         if misshapen:
             lines.append(f"{len(misshapen)} layers have other shapes: {'; '.join(misshapen[:5])}"
                          + (f" (and {len(misshapen) - 5} more)" if len(misshapen) > 5 else ""))
-        lines.append("Load a membrane trained for this architecture (same UNet layout), or convert it.")
+        lines.append(f"Load a membrane trained for this architecture (same {kind} layout), or convert it.")
         raise MembraneFormatError("\n".join(lines))
 
     def add(self, name: str, membrane: Membrane, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
@@ -303,6 +314,15 @@ class MembraneController(ModelHook):
         self._transport = transport
         self._invalidate()
 
+    @property
+    def merge_per_call(self) -> bool:
+        """Whether calls whose rows share gates run each layer on merged weights (`set_spm_memory`)."""
+        return self._merge_per_call
+
+    def set_merge_per_call(self, on: bool) -> None:
+        self._merge_per_call = bool(on)
+        self._invalidate()
+
     def active_names(self) -> list[str]:
         """The membranes acting through the gates now: enabled, scale above 0, not fused."""
         if not self._enabled:
@@ -356,68 +376,98 @@ class MembraneController(ModelHook):
     # ------------------------------------------------------------------ text encoders
     def observe_text_encoders(self, encoders: Sequence[tuple[nn.Module, Sequence[int], int]]) -> None:
         """Record every encoding of these text encoders ((encoder, special token ids, end-of-text id)
-        each), so that UNet rows can be traced back to their texts. Idempotent."""
+        each), so that denoiser rows can be traced back to their texts. Idempotent."""
         for encoder, special_ids, end_id in encoders:
             hook = observe(encoder, special_ids, end_id, id(self))
             if hook not in self.encoders:
                 self.encoders.append(hook)
 
-    def set_concepts(self, name: str, embeds: torch.Tensor) -> None:
-        """Store membrane `name`'s concept embeddings (as the UNet would get them from the pipeline)."""
-        rows = describe(embeds, self.encoders)
+    def set_concepts(self, name: str, concepts: TextEncoding) -> None:
+        """Store membrane `name`'s concepts, encoded as the pipeline encodes prompts (`DenoiserFamily.encode`).
+
+        Hooked families also keep which observed encoding each concept came from (its tokens per encoder)."""
+        state = self.adapters[name]
+        if self.family.rates_per_call:
+            state.concept_embeds, state.concept_text = concepts.embeds.detach(), concepts
+            return
+        rows = describe(concepts.embeds, self.encoders)
         if any(row is None for row in rows):
             raise RuntimeError(
                 f"The concepts of membrane {name!r} were not encoded by an observed text encoder; encode them "
                 "with the pipeline's own `encode_prompt` after `observe_text_encoders`."
             )
-        state = self.adapters[name]
-        state.concept_embeds, state.concept_rows = embeds.detach(), rows
+        state.concept_embeds, state.concept_rows = concepts.embeds.detach(), rows
 
     # ------------------------------------------------------------------ transport
-    def rates(self, text: torch.Tensor) -> tuple[torch.Tensor, list[TextRow | None]] | None:
-        """[B, N] raw transport rates of each row of `encoder_hidden_states`, and the rows' texts;
-        None without concept embeddings.
-
-        The one place rates are computed: `get_spm_transport_rates` and every UNet forward use it.
-        Rows no observed text encoder produced are rated by the flattened cosine alone (warned once)."""
-        states = list(self.adapters.values())
+    def _rated_states(self) -> list[AdapterState] | None:
+        """The membranes in adapter order, if every one has encoded concepts (else None, warned once)."""
         unnamed = [name for name, s in self.adapters.items() if not s.membrane.concepts]
         if unnamed:
             raise ValueError(
                 f"Membrane {unnamed[0]!r} names no concepts in its metadata, so Facilitated Transport cannot rate "
                 "prompts against it. Use `pipe.set_spm_transport(False)`, or re-save it with its concepts."
             )
+        states = list(self.adapters.values())
         if any(s.concept_embeds is None for s in states):
             self._warn_once(
                 "no-concepts",
                 "Facilitated Transport needs the membranes' concept embeddings, which an SPM pipeline computes "
-                "when it loads them; this UNet call uses fixed gates (the scales). Load membranes with "
+                "when it loads them; this denoiser call uses fixed gates (the scales). Load membranes with "
                 "`pipe.load_spm(...)`, or `pipe.set_spm_transport(False)` to silence this.",
             )
+            return None
+        return states
+
+    def rates(self, text: torch.Tensor) -> tuple[torch.Tensor, list[TextRow | None]] | None:
+        """[B, N] raw transport rates of each row of the denoiser's text states, and the rows' texts;
+        None without concept embeddings.
+
+        Every denoiser forward uses it, and `get_spm_transport_rates` on hooked families. Rows no
+        observed text encoder produced (every row of a family rated per call that reaches the
+        denoiser outside a pipeline call) are rated by the flattened cosine alone (warned once)."""
+        states = self._rated_states()
+        if states is None:
             return None
         concept_embeds = torch.cat([s.concept_embeds for s in states]).to(text.device)
         if concept_embeds.shape[1:] != text.shape[1:]:
             self._warn_once("shape", "Text embeddings of this call do not match the concepts' shape; using fixed gates.")
             return None
-        rows = describe(text, self.encoders)
+        rows = describe(text, self.encoders) if self.encoders else [None] * text.shape[0]
         if any(row is None for row in rows):
             self._warn_once(
                 "unknown-text",
-                "Some text embeddings reaching the UNet were not produced by the pipeline's text encoders, so their "
-                "tokens are unknown; those rows are rated by the embedding cosine alone. Encode prompts with "
-                "`pipe.encode_prompt(...)` for the full transport metric.",
+                "Some text embeddings reaching the denoiser were not produced by the pipeline's text encoders "
+                "(observed ones), so their tokens are unknown; those rows are rated by the embedding cosine alone. Encode "
+                "prompts with `pipe.encode_prompt(...)` (or, for families rated per call, pass prompt strings) for "
+                "the full transport metric.",
             )
         scorer = TransportScorer(self.transport.metric)
-        concept_rows = [r for s in states for r in s.concept_rows]
+        concept_rows = [r for s in states for r in s.concept_rows] if self.encoders else []
         scores = scorer.concept_scores(text, rows, concept_embeds, concept_rows)
         return scorer.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
 
-    def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        """[B, N] or [N] gates of one UNet forward.
+    def text_rates(self, texts: TextEncoding, token_table: torch.Tensor | None) -> torch.Tensor | None:
+        """[P, N] raw rates of texts a family encoded itself: the per-call route of families rated per
+        call (`DenoiserFamily.rates_per_call`). `token_table`: the tokenizer's input embeddings (`tokensim`)."""
+        states = self._rated_states()
+        if states is None:
+            return None
+        concepts = TextEncoding.concatenate([s.concept_text for s in states])
+        scorer = TransportScorer(self.transport.metric)
+        scores = scorer.encoding_scores(texts, concepts, token_table)
+        return scorer.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
 
-        With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative rows, prompt rows], the
+    def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """[B, N] or [N] gates of one denoiser forward.
+
+        Inside a pipeline call of a family rated per call, the call's per-prompt gates, laid out on
+        the rows. Otherwise each row is rated from its text states (`rates`). With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative rows, prompt rows], the
         latents repeated) gives each negative row the gate of its prompt row. It is recognised by
         identical latents in both halves and negative texts encoded after their prompts (or all-zero)."""
+        call = self.call
+        per_call = call.prompt_gates.rows(sample.shape[0]) if call is not None and call.prompt_gates else None
+        if per_call is not None:
+            return per_call
         rated = self.rates(text) if self.transport.enabled and text is not None else None
         if rated is None:
             return self.scales()
@@ -435,9 +485,10 @@ class MembraneController(ModelHook):
 
     # ------------------------------------------------------------------ per-call gating
     @contextlib.contextmanager
-    def call_scope(self) -> Iterator[None]:
-        """Scope of one pipeline call: merged weights are cached in it and dropped when it ends."""
-        token = _CALL.set(CallScope(self))
+    def call_scope(self, prompt_gates: PromptGates | None = None) -> Iterator[None]:
+        """Scope of one pipeline call: its per-prompt gates (families rated per call) and merged
+        weights are kept in it and dropped when it ends."""
+        token = _CALL.set(CallScope(self, prompt_gates))
         try:
             yield
         finally:
@@ -445,13 +496,13 @@ class MembraneController(ModelHook):
 
     @property
     def call(self) -> CallScope | None:
-        """This context's running call scope on this UNet, if any."""
+        """This context's running call scope on this denoiser, if any."""
         scope = _CALL.get()
         return scope if scope is not None and scope.controller is self else None
 
     @property
     def current(self) -> ForwardGates | None:
-        """This context's running UNet forward's gates, if any."""
+        """This context's running denoiser forward's gates, if any."""
         forward = _FORWARD.get()
         return forward if forward is not None and forward.controller is self else None
 
@@ -472,18 +523,19 @@ class MembraneController(ModelHook):
         return ForwardGates(self, torch.zeros(0), None)
 
     def _forward_gates(self, *args: Any, **kwargs: Any) -> ForwardGates:
-        sample = kwargs.get("sample", args[0] if args else None)
-        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        sample = self.family.batch_argument.read(args, kwargs)
+        text = self.family.text_argument.read(args, kwargs)
         gates = self.row_gates(sample, text)
         if gates.dim() == 2 and bool((gates == gates[:1]).all()):
             gates = gates[0]
         if not bool(gates.any()):
             return self._off
-        merge_key = (self.version, tuple(gates.tolist())) if self.call is not None and gates.dim() == 1 else None
+        merges = self.merge_per_call and self.call is not None and gates.dim() == 1
+        merge_key = (self.version, tuple(gates.tolist())) if merges else None
         return ForwardGates(self, gates.to(sample.device), merge_key)
 
     def gates_for(self, x: torch.Tensor) -> ForwardGates | None:
-        """The gates a layer applies now; a layer called outside a UNet forward applies the scales."""
+        """The gates a layer applies now; a layer called outside a denoiser forward applies the scales."""
         current = self.current
         if current is None:
             if not self.active():
@@ -494,7 +546,7 @@ class MembraneController(ModelHook):
             return None
         if current.gates.dim() == 2 and x.shape[0] != current.gates.shape[0]:
             raise RuntimeError(
-                f"A membrane layer got a batch of {x.shape[0]} rows while the UNet call has {current.gates.shape[0]}; "
+                f"A membrane layer got a batch of {x.shape[0]} rows while the denoiser call has {current.gates.shape[0]}; "
                 "per-sample gates need the batch dimension first. Use one prompt per call, or "
                 "`pipe.set_spm_transport(False)`."
             )

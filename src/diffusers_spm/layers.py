@@ -56,6 +56,11 @@ def bank_of(base: nn.Module) -> "MembraneBank | None":
     return getattr(base, BANK_ATTRIBUTE, None)
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A weight stored quantized: bitsandbytes' integer storage, or a tensor subclass (torchao, quanto)."""
+    return not weight.is_floating_point() or type(weight.data) is not torch.Tensor
+
+
 class MembraneBank(nn.Module):
     """The stacked membranes of one base layer.
 
@@ -69,7 +74,10 @@ class MembraneBank(nn.Module):
         shape = layer_shape(base)
         self.is_conv = shape.is_conv
         self.in_shape = shape.in_shape
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # Beside a quantized base the membranes stay in floating point (cast to the input's dtype per call).
+        self.quantized_base = is_quantized(base.weight)
+        dtype = torch.get_default_dtype() if self.quantized_base else base.weight.dtype
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.names: list[str] = []
         self.ranks: list[int] = []
         self.alphas: list[float] = []
@@ -159,6 +167,12 @@ class MembraneBank(nn.Module):
         `lora` is the PEFT layer wrapping `base`, if any: which of its adapters are merged now."""
         if self.fused_original is not None:
             raise RuntimeError("This layer is already fused; call `unfuse_spm()` first.")
+        if self.quantized_base:
+            raise RuntimeError(
+                f"Cannot fuse membranes into quantized weights ({type(base.weight.data).__name__}, "
+                f"{base.weight.dtype}): the sum would have to be quantized again, which rounds the membrane away "
+                "and cannot be undone exactly. Membranes act beside a quantized base unfused: skip `fuse_spm()`."
+            )
         original = base.weight.data
         merged = (original.float() + self.delta_weight(gates).to(original.device)).to(original.dtype)
         self.fused_original = original
@@ -197,7 +211,7 @@ class MembraneLayerHook(ModelHook):
         forward_gates = self.controller.gates_for(x)
         if forward_gates is None:
             return self.fn_ref.original_forward(x, *args, **kwargs)
-        if forward_gates.merge_key is not None:
+        if forward_gates.merge_key is not None and not self.bank.quantized_base:
             return self._merged_forward(module, x, forward_gates)
         return self.fn_ref.original_forward(x, *args, **kwargs) + self.bank.delta_output(module, x, forward_gates.gates)
 

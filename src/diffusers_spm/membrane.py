@@ -10,7 +10,11 @@ Two file layouts are read and written:
 - `reference`: the paper authors' format (also SD-WebUI's and kohya's): `<name>.lora_down.weight`,
   `<name>.lora_up.weight`, `<name>.alpha`, metadata `{"prompts", "rank", "alpha"}`.
 - `diffusers`: the PEFT layout that `load_lora_weights` writes: `unet.<path>.lora_A.weight`,
-  `unet.<path>.lora_B.weight`, alpha in the `lora_adapter_metadata` entry.
+  `unet.<path>.lora_B.weight` (`transformer.` for diffusion transformers), alpha in the
+  `lora_adapter_metadata` entry.
+
+Diffusion transformers' original-checkpoint layout (ComfyUI, kohya) is mapped by their family
+(`diffusers_spm.families.original_keys`), since it needs the model's layer widths.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_PREFIX = "unet."
+DENOISER_PREFIXES = ("unet.", "transformer.")
 FORMAT_VERSION = "1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -85,6 +90,7 @@ class Membrane:
     surrogate: str | None = None
     base_model: str | None = None
     architecture: str | None = None
+    family: str | None = None  # the denoiser family (`diffusers_spm.families`): unet, sd3, flux, ...
     training_config: dict[str, Any] | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
@@ -125,6 +131,7 @@ class Membrane:
             ("spm_surrogate", self.surrogate),
             ("spm_base_model", self.base_model),
             ("spm_architecture", self.architecture),
+            ("spm_family", self.family),
         ):
             if value is not None:
                 meta[key] = value
@@ -135,7 +142,8 @@ class Membrane:
     @staticmethod
     def _fields_from_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
         known = {"prompts", "rank", "alpha", "spm_concepts", "spm_format_version", "spm_surrogate",
-                 "spm_base_model", "spm_architecture", "spm_training_config"}
+                 "spm_base_model", "spm_architecture", "spm_family", "spm_training_config",
+                 "lora_adapter_metadata", "format"}  # the last two belong to the file layout, rewritten on save
         if "spm_concepts" in metadata:
             concepts = json.loads(metadata["spm_concepts"])
         else:
@@ -146,6 +154,7 @@ class Membrane:
             "surrogate": metadata.get("spm_surrogate"),
             "base_model": metadata.get("spm_base_model"),
             "architecture": metadata.get("spm_architecture"),
+            "family": metadata.get("spm_family"),
             "training_config": json.loads(config) if config else None,
             "extra_metadata": {k: v for k, v in metadata.items() if k not in known},
         }
@@ -160,20 +169,39 @@ class Membrane:
             out[name + _ALPHA] = torch.tensor(module.alpha, dtype=module.down.dtype)
         return out
 
-    def diffusers_state_dict(self, name_to_path: Mapping[str, str]) -> dict[str, torch.Tensor]:
-        """The PEFT layout (`unet.<path>.lora_A/B.weight`); alpha goes to the adapter metadata."""
+    def diffusers_state_dict(
+        self, name_to_path: Mapping[str, str], prefix: str = DIFFUSERS_PREFIX
+    ) -> dict[str, torch.Tensor]:
+        """The PEFT layout (`<prefix><path>.lora_A/B.weight`); alpha goes to the adapter metadata."""
         missing = sorted(set(self.modules) - set(name_to_path))
         if missing:
             raise MembraneFormatError(
-                f"{len(missing)} membrane layers have no module in the given UNet layout (first: {missing[:3]}). "
-                "Pass the UNet (or `--base`) the membrane was made for."
+                f"{len(missing)} membrane layers have no module in the given layout (first: {missing[:3]}). "
+                "Pass the model (or `--base`) the membrane was made for."
             )
         out: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
-            path = DIFFUSERS_PREFIX + name_to_path[name]
+            path = prefix + name_to_path[name]
             out[path + _LORA_A] = module.down.detach().contiguous()
             out[path + _LORA_B] = module.up.detach().contiguous()
         return out
+
+    def peft_metadata(self, name_to_path: Mapping[str, str], prefix: str = DIFFUSERS_PREFIX) -> dict[str, str]:
+        """The `lora_adapter_metadata` entry diffusers writes beside the PEFT layout: a `LoraConfig` with
+        the most common rank and alpha, and patterns for layers that differ."""
+        from peft import LoraConfig
+
+        ranks = {name_to_path[n]: m.rank for n, m in self.modules.items()}
+        alphas = {name_to_path[n]: m.alpha for n, m in self.modules.items()}
+        rank = max(set(ranks.values()), key=list(ranks.values()).count)
+        alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=sorted(ranks),
+            rank_pattern={p: r for p, r in ranks.items() if r != rank},
+            alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
+        ).to_dict()
+        packed = {f"{prefix}{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        return {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}
 
     @classmethod
     def from_state_dict(
@@ -243,13 +271,16 @@ class Membrane:
     ) -> dict[str, LowRankPair]:
         adapter_meta = json.loads(metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in metadata else {}
         adapter_meta = adapter_meta.get("unet", adapter_meta)
+        for prefix in DENOISER_PREFIXES:  # diffusers packs the config's keys under the component's name
+            adapter_meta.update({k.removeprefix(prefix): v for k, v in adapter_meta.items() if k.startswith(prefix)})
         modules = {}
         for key in state_dict:
             if not key.endswith(_LORA_A):
                 if not key.endswith(_LORA_B):
                     raise MembraneFormatError(f"{source}: unexpected key {key!r} in a diffusers LoRA file.")
                 continue
-            path = key[: -len(_LORA_A)].removeprefix(DIFFUSERS_PREFIX)
+            path = key[: -len(_LORA_A)]
+            path = next((path.removeprefix(p) for p in DENOISER_PREFIXES if path.startswith(p)), path)
             down = state_dict[key]
             up_key = key[: -len(_LORA_A)] + _LORA_B
             if up_key not in state_dict:
@@ -290,17 +321,31 @@ class Membrane:
             raise MembraneFormatError(f"{path} does not hold a state dict of tensors.")
         return cls.from_state_dict(state_dict, {}, source=str(path))
 
-    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write the reference layout with our metadata; `load_lora_weights` and SD-WebUI read it too."""
+    def save(
+        self,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        diffusers_paths: Mapping[str, str] | None = None,
+        prefix: str = DIFFUSERS_PREFIX,
+    ) -> Path:
+        """Write the reference layout with our metadata; `load_lora_weights` and SD-WebUI read it too.
+
+        With `diffusers_paths` (membrane layer name -> module path), write the PEFT layout under
+        `prefix` instead, with the adapter config diffusers reads; our metadata is kept beside it."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"Membranes are saved as .safetensors; got {path.name!r}.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self.state_dict()
+        metadata = self.metadata()
+        if diffusers_paths is None:
+            tensors = self.state_dict()
+        else:
+            tensors = self.diffusers_state_dict(diffusers_paths, prefix)
+            metadata.update(self.peft_metadata(diffusers_paths, prefix))
         if dtype is not None:
             tensors = {k: v.to(dtype) for k, v in tensors.items()}
         tmp = path.with_suffix(".safetensors.tmp")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=self.metadata())
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
         return path
 

@@ -1,15 +1,19 @@
 """`SPMPipelineMixin`: `load_spm`, `set_spm_scale`, `unload_spm`, ... on diffusers pipelines.
 
-The mixin loads membranes into the UNet's `MembraneController`, puts recording hooks on the text
-encoders (so the controller can trace each UNet text row to its tokens) and opens a call scope
-per pipeline call (merged weights live in it); the gates themselves are computed on the UNet side,
-so every route into the UNet gets the same ones. It works on any pipeline with a
-`UNet2DConditionModel`, CLIP text encoders with their tokenizers and an `encode_prompt` method.
+The mixin loads membranes into the denoiser's `MembraneController`, puts recording hooks on the
+text encoders (so the controller can trace each row of the denoiser's text states to its tokens)
+and opens a call scope per pipeline call (merged weights live in it); the gates themselves are
+computed on the denoiser side, so every route into the denoiser gets the same ones. Families whose
+text states cannot be traced yet (`DenoiserFamily.rates_per_call`: the diffusion transformers) are
+rated from the call's prompt strings instead, laid out on the rows by the controller. It works on
+any pipeline whose denoiser a registered family describes (`diffusers_spm.families`: SD 1.x/2.x/XL
+UNets, SD3/3.5, Flux.1, Sana), with the text encoders, tokenizer and `encode_prompt` it reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -19,17 +23,24 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
+from torch import nn
 
+from .families import DenoiserFamily, RowLayout, TextEncoding, UnsupportedDenoiserError, denoiser_of, family_of
 from .hub import resolve_membrane
 from .membrane import Membrane
-from .controller import MembraneController
+from .controller import MembraneController, PromptGates
 from .transport import Metric, TransportConfig
 
 logger = logging.getLogger(__name__)
@@ -55,13 +66,14 @@ class SPMPipelineMixin:
         """
         path, default_name = resolve_membrane(pretrained_model_name_or_path, weight_name, **hub_kwargs)
         name = adapter_name or default_name
-        existing = MembraneController.of(self.unet)
+        denoiser = self._spm_denoiser
+        existing = MembraneController.of(denoiser)
         if existing is not None:
             existing.check_new_name(name)  # before reading the file
-        membrane = Membrane.from_file(path)
-        controller = MembraneController.of(self.unet, create=True)
+        membrane = self._spm_family.to_runtime_names(Membrane.from_file(path), denoiser)
+        controller = MembraneController.of(denoiser, create=True)
         try:
-            controller.add(name, membrane, dtype=self.unet.dtype, scale=scale)
+            controller.add(name, membrane, dtype=denoiser.dtype, scale=scale)
             self._spm_prepare_concepts(controller, name)
         except BaseException:
             if name in controller.adapters:
@@ -93,7 +105,7 @@ class SPMPipelineMixin:
         names = list(adapter_names) if adapter_names is not None else [None] * len(sources)
         if len(names) != len(sources):
             raise ValueError(f"Got {len(sources)} membranes but {len(names)} adapter names.")
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         previous = controller.transport if controller is not None and controller.adapters else None
         loaded: list[str] = []
         try:
@@ -109,8 +121,8 @@ class SPMPipelineMixin:
                 self.set_spm_transport(previous)
 
     def unload_spm(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Remove one, several or (by default) all membranes; the UNet is returned bit for bit."""
-        controller = MembraneController.of(self.unet)
+        """Remove one, several or (by default) all membranes; the denoiser is returned bit for bit."""
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None:
             if adapter_names is not None:
                 raise ValueError(f"No membranes are loaded, so {adapter_names!r} cannot be unloaded.")
@@ -126,8 +138,9 @@ class SPMPipelineMixin:
             controller.detach()
 
     def save_spm(self, adapter_name: str, save_path: str | os.PathLike) -> Path:
-        """Write a loaded membrane in the reference format with our metadata."""
-        return self._spm_controller().membrane(adapter_name).save(save_path)
+        """Write a loaded membrane with our metadata: the reference layout for UNets, the diffusers/PEFT
+        layout for diffusion transformers (`diffusers-spm convert --to kohya` for ComfyUI's)."""
+        return self._spm_family.save(self._spm_controller().membrane(adapter_name), save_path, self._spm_denoiser)
 
     # ------------------------------------------------------------------ settings
     def set_spm_scale(self, scale: float | dict[str, float]) -> None:
@@ -160,21 +173,33 @@ class SPMPipelineMixin:
             config = TransportConfig(enabled=enabled, **settings)
         self._spm_controller().set_transport(config)
 
+    def set_spm_memory(self, mode: Literal["stacked", "merged"] = "stacked") -> None:
+        """How a call whose rows share their gates runs the adapted layers.
+
+        `stacked` (default): each layer adds `U (G * D x)` beside its base op; no weight is copied, so
+        peak memory over the plain pipeline is the membranes themselves. `merged`: each layer runs on
+        `W + sum g_i dW_i`, built once per call in that call's scope and dropped after it (concurrent
+        calls keep their own): slightly faster per step, but one extra copy of every adapted weight
+        during the call (about 1 GB fp32 on SD 1.x, over 20 GB on Flux): choose it only where that
+        fits. Quantized bases always run stacked."""
+        if mode not in ("stacked", "merged"):
+            raise ValueError(f"SPM memory mode must be 'stacked' or 'merged', got {mode!r}.")
+        self._spm_controller().set_merge_per_call(mode == "merged")
+
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
         """Raw transport rates in [0, 1], per membrane and prompt (before scale and power), as the
-        UNet rates these prompts' rows in a call."""
+        denoiser's rows of these prompts are rated in a call."""
         controller = self._spm_controller()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             return {name: [] for name in controller.names}
-        rated = controller.rates(self._spm_encode(prompts))
-        if rated is None:
+        rates = self._spm_prompt_rates(controller, prompts)
+        if rates is None:
             raise ValueError("The membranes' concepts are not encoded; load them with `pipe.load_spm(...)`.")
-        rates = rated[0]
         return {name: rates[:, i].tolist() for i, name in enumerate(controller.names)}
 
     def get_active_spms(self) -> list[str]:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         return [] if controller is None else controller.active_names()
 
     def disable_spm(self) -> None:
@@ -184,7 +209,7 @@ class SPMPipelineMixin:
         self._spm_controller().set_enabled(True)
 
     def fuse_spm(self, scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> None:
-        """Bake membranes into the UNet weights at fixed gates (`scale` x their scales, no transport).
+        """Bake membranes into the denoiser's weights at fixed gates (`scale` x their scales, no transport).
 
         The original weight tensors are kept, so `unfuse_spm` restores them bit for bit; that costs
         one copy of the adapted layers' weights while fused.
@@ -193,7 +218,7 @@ class SPMPipelineMixin:
         controller.fuse(list(adapter_names) if adapter_names is not None else controller.names, scale)
 
     def unfuse_spm(self) -> None:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is not None:
             controller.unfuse()
 
@@ -207,44 +232,81 @@ class SPMPipelineMixin:
 
     # ------------------------------------------------------------------ calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None or not controller.active():
             return super().__call__(*args, **kwargs)
-        with controller.call_scope():
+        with controller.call_scope(self._spm_prompt_gates(controller, args, kwargs)):
             return super().__call__(*args, **kwargs)
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
         """The pipeline's own `encode_prompt`, with its text encoders observed (see `encodings.py`)."""
-        controller = MembraneController.of(self.unet)
-        if controller is not None:
-            self._spm_observe(controller)
+        controller = MembraneController.of(self._spm_denoiser)
+        if controller is not None and not controller.family.rates_per_call:
+            controller.observe_text_encoders(
+                [(encoder, tokenizer.all_special_ids, tokenizer.eos_token_id)
+                 for encoder, tokenizer in controller.family.text_encoders(self)]
+            )
         return super().encode_prompt(*args, **kwargs)
 
     # ------------------------------------------------------------------ transport
-    def _spm_observe(self, controller: MembraneController) -> None:
-        """Hook every text encoder of this pipeline (`text_encoder`, `text_encoder_2`, ...) with its tokenizer."""
-        encoders = []
-        for name, encoder in self.components.items():
-            tokenizer = self.components.get(name.replace("text_encoder", "tokenizer"))
-            if name.startswith("text_encoder") and encoder is not None and tokenizer is not None:
-                encoders.append((encoder, tokenizer.all_special_ids, tokenizer.eos_token_id))
-        controller.observe_text_encoders(encoders)
+    def _spm_prompt_gates(self, controller: MembraneController, args: tuple, kwargs: dict) -> PromptGates | None:
+        """Per-prompt gates of this call, for families rated per call (None for hooked families, and for
+        calls without prompt strings); the controller lays them out on the rows at each denoiser step."""
+        if not controller.family.rates_per_call or not controller.transport.enabled:
+            return None
+        arguments = inspect.signature(super().__call__).bind_partial(*args, **kwargs).arguments
+        prompt = arguments.get("prompt")
+        if prompt is None:
+            return None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rates = self._spm_prompt_rates(controller, prompts)
+        if rates is None:
+            return None
+        transport, scales = controller.transport, controller.scales()
+        negative_gates = None
+        if transport.cfg_rows == "own" and controller.family.row_layout is not RowLayout.CFG_BATCH:
+            controller._warn_once("own-rows", f"cfg_rows='own' needs the negative rows in the prompts' batch; "
+                                  f"{controller.family.label} runs them as separate calls, which get the gates "
+                                  "of their prompts ('paired').")
+        elif transport.cfg_rows == "own" and arguments.get("negative_prompt_embeds") is None:
+            negative = arguments.get("negative_prompt") or ""
+            negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            negative_gates = transport.gates(self._spm_prompt_rates(controller, negatives), scales)
+        images_per_prompt = arguments.get("num_images_per_prompt") or 1
+        return PromptGates(transport.gates(rates, scales), negative_gates, images_per_prompt)
+
+    def _spm_prompt_rates(self, controller: MembraneController, prompts: list[str]) -> torch.Tensor | None:
+        """[P, N] raw rates of prompt strings, as the denoiser's rows of these prompts are rated: by the
+        family's own encoding (families rated per call), or by the controller from the encoded rows."""
+        encoding = self._spm_encode(prompts)
+        if controller.family.rates_per_call:
+            token_table = self._spm_family.token_embeddings(self) if controller.transport.metric == "tokensim" else None
+            return controller.text_rates(encoding, token_table)
+        rated = controller.rates(encoding.embeds)
+        return rated[0] if rated is not None else None
 
     def _spm_prepare_concepts(self, controller: MembraneController, name: str) -> None:
-        """Encode membrane `name`'s concepts with this pipeline's own `encode_prompt`, as prompts are."""
+        """Encode membrane `name`'s concepts with this pipeline's own encoding, as prompts are."""
         concepts = controller.adapters[name].membrane.concepts
         if concepts:
             controller.set_concepts(name, self._spm_encode(concepts))
 
-    @torch.no_grad()
-    def _spm_encode(self, texts: list[str]) -> torch.Tensor:
-        """Text embeddings as the UNet gets them (`encode_prompt`, no CFG, one image per text)."""
-        return self.encode_prompt(
-            prompt=texts, device=self._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )[0]
+    def _spm_encode(self, texts: list[str]) -> TextEncoding:
+        """Text states as the denoiser gets them (the pipeline's `encode_prompt`, no CFG, one image per
+        text), token sets and end-of-text summaries (the family says which encoders give each)."""
+        return self._spm_family.encode(self, texts)
+
+    @property
+    def _spm_denoiser(self) -> nn.Module:
+        """The UNet or transformer that carries the membranes."""
+        return denoiser_of(self)
+
+    @property
+    def _spm_family(self) -> DenoiserFamily:
+        return family_of(self._spm_denoiser)
 
     def _spm_controller(self) -> MembraneController:
-        controller = MembraneController.of(self.unet)
+        controller = MembraneController.of(self._spm_denoiser)
         if controller is None or not controller.adapters:
             raise ValueError("No membranes are loaded; load one first with `pipe.load_spm(...)`.")
         return controller
@@ -270,12 +332,42 @@ class StableDiffusionXLImg2ImgSPMPipeline(SPMPipelineMixin, StableDiffusionXLImg
     """SDXL image-to-image with membranes."""
 
 
+class StableDiffusion3SPMPipeline(SPMPipelineMixin, StableDiffusion3Pipeline):
+    """SD3 / SD3.5 text-to-image with membranes."""
+
+
+class StableDiffusion3Img2ImgSPMPipeline(SPMPipelineMixin, StableDiffusion3Img2ImgPipeline):
+    """SD3 / SD3.5 image-to-image with membranes."""
+
+
+class StableDiffusion3InpaintSPMPipeline(SPMPipelineMixin, StableDiffusion3InpaintPipeline):
+    """SD3 / SD3.5 inpainting with membranes."""
+
+
+class FluxSPMPipeline(SPMPipelineMixin, FluxPipeline):
+    """Flux.1 text-to-image with membranes."""
+
+
+class FluxImg2ImgSPMPipeline(SPMPipelineMixin, FluxImg2ImgPipeline):
+    """Flux.1 image-to-image with membranes."""
+
+
+class FluxInpaintSPMPipeline(SPMPipelineMixin, FluxInpaintPipeline):
+    """Flux.1 inpainting with membranes."""
+
+
 READY_CLASSES = (
     StableDiffusionSPMPipeline,
     StableDiffusionImg2ImgSPMPipeline,
     StableDiffusionInpaintSPMPipeline,
     StableDiffusionXLSPMPipeline,
     StableDiffusionXLImg2ImgSPMPipeline,
+    StableDiffusion3SPMPipeline,
+    StableDiffusion3Img2ImgSPMPipeline,
+    StableDiffusion3InpaintSPMPipeline,
+    FluxSPMPipeline,
+    FluxImg2ImgSPMPipeline,
+    FluxInpaintSPMPipeline,
 )
 # AutoPipeline and `from_pipe` find a pipeline's siblings (text-to-image, image-to-image, ...) by its
 # class `__name__`: answer with the diffusers class each extends, as `add_spm_support` classes do.
@@ -294,13 +386,12 @@ def add_spm_support(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """
     if isinstance(pipe, SPMPipelineMixin):
         return pipe
-    missing = [
-        attr for attr in ("unet", "text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, attr, None) is None
-    ]
-    if missing or not isinstance(pipe.unet, UNet2DConditionModel):
-        raise TypeError(
-            f"{type(pipe).__name__} cannot take membranes: SPM needs a UNet2DConditionModel, a CLIP text encoder, a "
-            f"tokenizer and `encode_prompt` (missing: {', '.join(missing) or 'a UNet2DConditionModel'})."
+    family = family_of(denoiser_of(pipe))
+    missing = [attr for attr in ("text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, attr, None) is None]
+    if missing:
+        raise UnsupportedDenoiserError(
+            f"{type(pipe).__name__} cannot take membranes: its {family.label} is supported, but transport reads "
+            f"the text encoder, tokenizer and `encode_prompt`, and it lacks {', '.join(missing)}."
         )
     cls = type(pipe)
     if cls not in _SPM_CLASSES:

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 
 if TYPE_CHECKING:
     from .encodings import TextRow
+    from .families import TextEncoding
 
 Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim"]
 METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim")
@@ -146,16 +147,32 @@ class TransportScorer:
             scores[known] = self._text_scores(prompt_embeds[known], rows, concept_embeds, concept_rows)
         return scores
 
+    def encoding_scores(self, prompts: TextEncoding, concepts: TextEncoding,
+                        token_table: torch.Tensor | None) -> torch.Tensor:
+        """[P, C] for texts a family encoded and summarised itself (families rated per call): `eoscos`
+        reads the family's end-of-text summaries, the token terms its tokenizer's token sets."""
+        summary = self.metric.startswith("eoscos")
+        return self._combined(
+            prompts.pooled if summary else prompts.embeds,
+            concepts.pooled if summary else concepts.embeds,
+            lambda: self._overlap(prompts.tokens, concepts.tokens, lambda: token_table),
+        )
+
     def _text_scores(self, prompt_embeds: torch.Tensor, prompt_rows: Sequence[TextRow], concept_embeds: torch.Tensor,
                      concept_rows: Sequence[TextRow]) -> torch.Tensor:
+        if self.metric.startswith("eoscos"):
+            prompt_embeds = at_end_of_text(prompt_embeds, prompt_rows)
+            concept_embeds = at_end_of_text(concept_embeds, concept_rows)
+        return self._combined(prompt_embeds, concept_embeds, lambda: self._token_scores(prompt_rows, concept_rows))
+
+    def _combined(self, prompt_embeds: torch.Tensor, concept_embeds: torch.Tensor,
+                  token_scores: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The metric's terms, [P, C] each (the cosine of the given embeddings, the token overlap), and their max."""
         scores = []
         if "cos" in self.metric:
-            if self.metric.startswith("eoscos"):
-                prompt_embeds = at_end_of_text(prompt_embeds, prompt_rows)
-                concept_embeds = at_end_of_text(concept_embeds, concept_rows)
             scores.append(clipcos(prompt_embeds, concept_embeds).cpu())
         if "tokenuni" in self.metric or self.metric == "tokensim":
-            scores.append(self._token_scores(prompt_rows, concept_rows))
+            scores.append(token_scores())
         return torch.stack(scores).amax(0)
 
     def _token_scores(self, prompt_rows: Sequence[TextRow], concept_rows: Sequence[TextRow]) -> torch.Tensor:
@@ -166,12 +183,16 @@ class TransportScorer:
         for encoder in {e for tokens in concept_tokens for e in tokens}:
             prompts = [t.get(encoder, frozenset()) for t in prompt_tokens]
             concepts = [t.get(encoder, frozenset()) for t in concept_tokens]
-            if self.metric == "tokensim":
-                overlap = tokensim(prompts, concepts, encoder.token_table())
-            else:
-                overlap = tokenuni(prompts, concepts)
-            scores = torch.maximum(scores, overlap)
+            scores = torch.maximum(scores, self._overlap(prompts, concepts, encoder.token_table))
         return scores
+
+    def _overlap(self, prompt_tokens: Sequence[set[int]], concept_tokens: Sequence[set[int]],
+                 token_table: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """[P, C] token overlap of one tokenizer's token sets: `tokensim` (with the encoder's input
+        embeddings, read only then) or `tokenuni`."""
+        if self.metric == "tokensim":
+            return tokensim(prompt_tokens, concept_tokens, token_table())
+        return tokenuni(prompt_tokens, concept_tokens)
 
     def membrane_rates(self, concept_scores: torch.Tensor, concepts_per_membrane: Sequence[int]) -> torch.Tensor:
         """[P, C] -> [P, N]: each membrane takes the max over its own concepts, clamped to [0, 1]."""

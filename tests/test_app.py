@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from diffusers_spm import MembraneFormatError
 from diffusers_spm.app import MembraneSession, MembraneSetting, shipped_membranes, split_prompts
+from diffusers_spm.concept_world import ALL_CONCEPTS
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def session() -> MembraneSession:
 
 
 def test_shipped_membranes_are_the_worlds():
-    assert sorted(shipped_membranes("concept-world")) == ["blue", "circle", "dotted", "red", "star", "striped"]
+    assert sorted(shipped_membranes("concept-world")) == sorted(c.name for c in ALL_CONCEPTS)  # one per concept
     assert shipped_membranes("runwayml/stable-diffusion-v1-5") == {}
 
 

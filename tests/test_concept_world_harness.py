@@ -60,5 +60,5 @@ def test_demo_with_the_shipped_membrane_writes_table_and_grid(tmp_path):
     assert results["SPM, LA + transport (tokensim)"]["erasure"] > results["no membrane"]["erasure"]
     assert files["grid"].exists() and Image.open(files["grid"]).size == (
         ROW_LABEL_WIDTH + 8 * 96, CAPTION_LINES * LINE_HEIGHT + 4 + 2 * 96)
-    with pytest.raises(FileNotFoundError, match="shipped: blue, circle, dotted, red, star, striped"):
-        run_demo(tmp_path, "green", train=False)
+    with pytest.raises(KeyError, match="not a concept of this world"):
+        run_demo(tmp_path, "magenta", train=False)

@@ -1,15 +1,20 @@
 """The concept-world figures: every concept over 3 training seeds, six at once, implicit prompts,
 ablations, the la_strength sweep and time to a good membrane.
 
-Trains membranes with the real trainer on the shipped concept-world model, then measures erasure /
+Trains membranes with the real trainer on a shipped concept-world model, then measures erasure /
 preservation / alteration with its judge (docs/concept-world.md). Each stage is resumable (a
 membrane or table already written is kept) and can be split across processes with `--shard k/n`,
-one thread each. On 2 CPU cores the whole run takes about 2 hours.
+one thread each. On 2 CPU cores the whole UNet run takes about 2 hours.
 
     python benchmarks/concept_world_table.py train    --shard 0/2 &   # and --shard 1/2 beside it
     python benchmarks/concept_world_table.py evaluate --shard 0/2 &   # and --shard 1/2
     python benchmarks/concept_world_table.py report                   # results.md and the six-at-once grid
     python benchmarks/concept_world_table.py ship                     # seed-0 membranes into the package
+
+`--family sd3` runs the DiT world's acceptance set instead (issue 11; outputs in
+outputs/concept_world_sd3): red and circle over 3 seeds with both transport rates, the ablations
+(plain LoRA, no LA, no transport) and a wider la_strength sweep, since flow matching's loss scale
+differs from epsilon's (docs/training.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ from typing import Callable
 
 import torch
 
-from diffusers_spm.concept_world import ALL_CONCEPTS, ConceptWorld, WorldEvaluation, load_concept_world_pipeline, load_judge
+from diffusers_spm.concept_world import (
+    ALL_CONCEPTS,
+    WORLDS,
+    ConceptWorld,
+    WorldEvaluation,
+    load_concept_world_pipeline,
+    load_judge,
+    world_model,
+)
 from diffusers_spm.concept_world.experiments import (
     Condition,
     WorldTraining,
@@ -33,16 +46,21 @@ from diffusers_spm.concept_world.experiments import (
     compare,
     implicit_frequency,
     train_world_membrane,
+    world_training,
 )
 
 SEEDS = (0, 1, 2)
 SIX = ("red", "blue", "circle", "star", "striped", "dotted")
 ABLATED = ("red", "circle")
 METRICS = ("tokensim", "clipcos_tokenuni")
+OURS = "SPM, transport tokensim"  # the package's rate; clipcos_tokenuni is the reference's
+PLAIN_LORA = "plain LoRA (erase only, load_lora_weights)"
 CHECKPOINTS = (50, 100, 200)
 FLOORS = (0.1, 0.3)
-EVALUATION = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
-BASE = WorldTraining(save_every=50)
+COUNTS = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
+# la_strength values trained beside each family's default (FAMILY_TRAINING in experiments.py); flow
+# matching's right order of magnitude is not known in advance, so its sweep spans more of them.
+LA_SWEEP = {"unet": (0.0, 10.0, 100.0), "sd3": (0.0, 0.1, 10.0, 100.0, 1000.0)}
 
 
 @dataclass(frozen=True)
@@ -54,42 +72,67 @@ class Variant:
     action: str = "erase_with_la"
 
 
-VARIANTS = {v.name: v for v in (
-    Variant("shipped", BASE),
-    Variant("random-anchors", replace(BASE, anchor_unconditional=False)),
-    Variant("templates", replace(BASE, use_template=True)),
-    Variant("erase-only", BASE, action="erase"),
-    Variant("stale5", replace(BASE, denoise_batch=5)),
-    *(Variant(f"la{strength:g}", replace(BASE, la_strength=strength)) for strength in (0.0, 10.0, 100.0)),
-)}
-# Training jobs in priority order: the six-at-once concepts, the anchoring before/after, the other
-# concepts, then the ablations (each on red first).
-TRAIN_JOBS = (
-    [("shipped", c, s) for c in SIX for s in SEEDS]
-    + [("random-anchors", c, s) for c in ABLATED for s in SEEDS]
-    + [("stale5", "red", s) for s in SEEDS]
-    + [("templates", "striped", s) for s in SEEDS]
-    + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
-    + [(v, "red", s) for v in ("erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
-    + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
-)
+@dataclass(frozen=True)
+class Plan:
+    """What one world's run trains and measures: the one place where the UNet and DiT runs differ."""
+
+    family: str
+    variants: dict[str, Variant]
+    train_jobs: tuple[tuple[str, str, int], ...]  # (variant, concept, seed), in priority order
+    tables: tuple[str, ...] | None  # the evaluation jobs it runs (None: all)
+    la_sweep: tuple[str, ...]  # the variants of the la_strength sweep, by strength
+    grid: tuple[str, ...]  # concepts erased at once in the report's grid (seed-0 membranes)
+    grid_name: str
+    evaluation: WorldEvaluation  # COUNTS at the world's guidance scale
+
+
+def make_plan(family: str) -> Plan:
+    base = replace(world_training(family), save_every=50)
+    sweep = {strength: f"la{strength:g}" for strength in LA_SWEEP[family] if strength != base.la_strength}
+    variants = {v.name: v for v in (
+        Variant("shipped", base),
+        Variant("random-anchors", replace(base, anchor_unconditional=False)),
+        Variant("templates", replace(base, use_template=True)),
+        Variant("erase-only", base, action="erase"),
+        Variant("stale5", replace(base, denoise_batch=5)),
+        *(Variant(name, replace(base, la_strength=strength)) for strength, name in sweep.items()),
+    )}
+    la_sweep = tuple(name for _, name in sorted({**sweep, base.la_strength: "shipped"}.items()))
+    evaluation = world_model(family).evaluation(COUNTS)
+    if family == "unet":
+        # The six-at-once concepts, the anchoring before/after, the other concepts, then the ablations
+        # (each on red first).
+        jobs = ([("shipped", c, s) for c in SIX for s in SEEDS]
+                + [("random-anchors", c, s) for c in ABLATED for s in SEEDS]
+                + [("stale5", "red", s) for s in SEEDS]
+                + [("templates", "striped", s) for s in SEEDS]
+                + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
+                + [(v, "red", s) for v in ("erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
+                + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS])
+        return Plan(family, variants, tuple(jobs), None, la_sweep, SIX, "grid_six.png", evaluation)
+    # The DiT world's acceptance set (issue 11): red and circle, their ablations, the sweep on red.
+    jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
+            + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
+            + [(name, "red", s) for name in sweep.values() for s in SEEDS])
+    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED), "la_sweep_red")
+    return Plan(family, variants, tuple(jobs), tables, la_sweep, ABLATED, "grid_red_circle.png", evaluation)
 
 
 def membrane(output: Path, variant: str, concept: str, seed: int, step: int | None = None) -> Path:
-    """Where a trained membrane lies (`step`: an intermediate save of the same run)."""
+    """Where a trained membrane lies (`step`: an intermediate save of the same run, one of CHECKPOINTS)."""
     folder = output / "membranes" / variant
-    if step is None or step == BASE.iterations:
+    if step is None:
         return folder / f"{concept}_s{seed}.safetensors"
     return folder / f"{concept}_s{seed}" / "runs" / f"{concept}_{step}steps.safetensors"
 
 
-def train(output: Path, shard: tuple[int, int]) -> None:
-    pipe = load_concept_world_pipeline()
-    for index, (name, concept, seed) in enumerate(TRAIN_JOBS):
+def train(plan: Plan, output: Path, shard: tuple[int, int]) -> None:
+    pipe = load_concept_world_pipeline(family=plan.family)
+    for index, (name, concept, seed) in enumerate(plan.train_jobs):
         path = membrane(output, name, concept, seed)
         if index % shard[1] != shard[0] or path.exists():
             continue
-        variant = VARIANTS[name]
+        variant = plan.variants[name]
         start = time.perf_counter()
         trained = train_world_membrane(pipe, concept, path.with_suffix(""), variant.action,
                                        replace(variant.settings, seed=seed))
@@ -106,20 +149,21 @@ def spm_rows(output: Path, concept: str, variant: str = "shipped", label: str = 
                                                            metric=metric)]
 
 
-def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
-    """Table name -> a function of (pipe, judge, world) giving its JSON, in priority order."""
+def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
+    """Table name -> a function of (pipe, judge, world) giving its JSON, in priority order (the plan's tables)."""
+    evaluation = plan.evaluation  # every table's images: the plan's counts at the world's sampler
     jobs: dict[str, Callable[..., dict]] = {}
     for concept in SIX:
         jobs[f"concept_{concept}"] = lambda p, j, w, c=concept: compare(
-            p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], EVALUATION).as_dict()
+            p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], evaluation).as_dict()
         if concept in ABLATED:
             jobs[f"anchoring_{concept}"] = lambda p, j, w, c=concept: compare(
-                p, j, w, [c], spm_rows(output, c, "random-anchors", "SPM, random anchors only"), EVALUATION).as_dict()
+                p, j, w, [c], spm_rows(output, c, "random-anchors", "SPM, random anchors only"), evaluation).as_dict()
     for seed in SEEDS:
         files = [membrane(output, "shipped", c, seed) for c in SIX]
         jobs[f"six_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [
             Condition("no membrane"), *(Condition(f"SPM, transport {m}", f, metric=m) for m in METRICS)],
-            EVALUATION).as_dict()
+            evaluation).as_dict()
     jobs["implicit_red"] = lambda p, j, w: implicit_frequency(p, j, w, "red", [
         Condition("no membrane"),
         *seed_rows(output, "red", "SPM, no transport", transport=False),
@@ -128,38 +172,38 @@ def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
         *seed_rows(output, "red", "SPM, random anchors only, transport clipcos_tokenuni", "random-anchors"),
         *(row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
                                                      metric="tokensim", floor=floor)),
-    ])
+    ], sampler=evaluation)
     jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
         row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
-                                                     metric="tokensim", floor=floor)], EVALUATION).as_dict()
+                                                     metric="tokensim", floor=floor)], evaluation).as_dict()
     for variant in ("shipped", "stale5"):
         jobs[f"time_{variant}_red"] = lambda p, j, w, v=variant: compare(p, j, w, ["red"], [
             Condition(f"step {step} | seed {s}", [membrane(output, v, "red", s, step)], metric="tokensim")
-            for step in CHECKPOINTS for s in SEEDS], EVALUATION).as_dict()
+            for step in CHECKPOINTS for s in SEEDS], evaluation).as_dict()
     for concept in ABLATED:
         jobs[f"ablation_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], [
-            *seed_rows(output, c, "plain LoRA (erase only, load_lora_weights)", "erase-only", as_lora=True),
+            *seed_rows(output, c, PLAIN_LORA, "erase-only", as_lora=True),
             *seed_rows(output, c, "SPM without LA, transport tokensim", "erase-only", metric="tokensim"),
             *seed_rows(output, c, "SPM, no transport", transport=False),
-        ], EVALUATION).as_dict()
+        ], evaluation).as_dict()
     for concept in (c.name for c in ALL_CONCEPTS if c.name not in SIX):
         jobs[f"concept_{concept}"] = lambda p, j, w, c=concept: compare(
-            p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], EVALUATION).as_dict()
+            p, j, w, [c], [Condition("no membrane"), *spm_rows(output, c)], evaluation).as_dict()
     for concept in ("striped", "red"):
         jobs[f"templates_{concept}"] = lambda p, j, w, c=concept: compare(
-            p, j, w, [c], spm_rows(output, c, "templates", "SPM, templates"), EVALUATION).as_dict()
+            p, j, w, [c], spm_rows(output, c, "templates", "SPM, templates"), evaluation).as_dict()
     jobs["la_sweep_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
-        row for name in ("la0", "shipped", "la10", "la100")
-        for row in seed_rows(output, "red", f"la_strength {VARIANTS[name].settings.la_strength:g}, transport tokensim",
-                             name, metric="tokensim")], EVALUATION).as_dict()
-    return jobs
+        row for name in plan.la_sweep
+        for row in seed_rows(output, "red", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
+                             name, metric="tokensim")], evaluation).as_dict()
+    return jobs if plan.tables is None else {name: jobs[name] for name in plan.tables}
 
 
-def evaluate(output: Path, shard: tuple[int, int], pattern: str = "") -> None:
-    world, judge, pipe = ConceptWorld(), load_judge(), load_concept_world_pipeline()
+def evaluate(plan: Plan, output: Path, shard: tuple[int, int], pattern: str = "") -> None:
+    world, judge, pipe = ConceptWorld(), load_judge(), load_concept_world_pipeline(family=plan.family)
     tables = output / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    for index, (name, job) in enumerate(evaluation_jobs(output).items()):
+    for index, (name, job) in enumerate(evaluation_jobs(plan, output).items()):
         path = tables / f"{name}.json"
         if index % shard[1] != shard[0] or path.exists() or not re.search(pattern, name):
             continue
@@ -212,43 +256,71 @@ def frequency_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def report(output: Path) -> None:
-    """results.md from every table written so far, and the grid of the six concepts erased at once."""
+def acceptance(tables: Path) -> str:
+    """Issue 11's criteria per ablated concept, from the concept and ablation tables: worst-seed erasure
+    of ours, its largest preservation drop from no membrane, and its worst alteration beside the plain
+    LoRA's best (ours must stay below it)."""
+    lines = ["| erased | worst erasure (ours) ≥ 0.90 | largest preservation drop ≤ 0.05 | "
+             "worst alteration (ours) | best alteration (plain LoRA) | all met |", "|---|---|---|---|---|---|"]
+    for concept in ABLATED:
+        paths = tables / f"concept_{concept}.json", tables / f"ablation_{concept}.json"
+        if not all(p.exists() for p in paths):
+            continue
+        rows = {**json.loads(paths[0].read_text())["rows"], **json.loads(paths[1].read_text())["rows"]}
+        groups = seed_groups(rows)
+        ours, plain, lora = groups[OURS], groups["no membrane"][0], groups[PLAIN_LORA]
+        erasure = min(r["erasure"] for r in ours)
+        drop = plain["preservation"] - min(r["preservation"] for r in ours)
+        altered, lora_altered = max(r["alteration"] for r in ours), min(r["alteration"] for r in lora)
+        met = erasure >= 0.9 and drop <= 0.05 and altered < lora_altered
+        lines.append(f"| {concept} | {erasure:.3f} | {drop:.3f} | {altered:.4f} | {lora_altered:.4f} | "
+                     f"{'yes' if met else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def report(plan: Plan, output: Path) -> None:
+    """results.md from every table written so far (with the acceptance check once its tables exist),
+    and the grid of the plan's concepts erased at once."""
     sections = []
+    criteria = acceptance(output / "tables")
+    if criteria:
+        sections.append(f"## acceptance (issue 11's criteria: worst of {len(SEEDS)} seeds, transport tokensim)\n\n{criteria}")
     for path in sorted((output / "tables").glob("*.json")):
         table = json.loads(path.read_text())
         body = comparison_table(table) if "erased" in table else frequency_table(table)
         sections.append(f"## {path.stem}\n\n{body}")
     (output / "results.md").write_text("\n\n".join(sections) + "\n")
-    six = [membrane(output, "shipped", c, 0) for c in SIX]
-    if all(f.exists() for f in six):
-        before_after_grid(load_concept_world_pipeline(), ConceptWorld(), SIX, six, output / "grid_six.png")
+    files = [membrane(output, "shipped", c, 0) for c in plan.grid]
+    if all(f.exists() for f in files):
+        before_after_grid(load_concept_world_pipeline(family=plan.family), ConceptWorld(), plan.grid, files,
+                          output / plan.grid_name, sampler=plan.evaluation)
     logging.info("wrote %s", output / "results.md")
 
 
-def ship(output: Path) -> None:
-    """Copy each concept's seed-0 membrane (never chosen by its score) into the package's shipped set,
-    its metadata naming the model as `concept-world`."""
+def ship(plan: Plan, output: Path) -> None:
+    """Copy each concept's seed-0 membrane (never chosen by its score) into the package's shipped set
+    of the plan's world, its metadata naming the model by the world's name (`concept-world`, ...)."""
     from diffusers_spm import Membrane
-    from diffusers_spm.bases import CONCEPT_WORLD
-    from diffusers_spm.concept_world.experiments import MEMBRANES_DIR
 
+    world = world_model(plan.family)
     for concept in ALL_CONCEPTS:
         source = membrane(output, "shipped", concept.name, SEEDS[0])
         if not source.exists():
             continue
         trained = Membrane.from_file(source)
         config = dict(trained.training_config or {})
-        config["pretrained_model"] = {**config.get("pretrained_model", {}), "name_or_path": CONCEPT_WORLD}
+        config["pretrained_model"] = {**config.get("pretrained_model", {}), "name_or_path": world.name}
         config.pop("save", None)  # where the benchmark kept its runs says nothing about the membrane
-        replace(trained, base_model=CONCEPT_WORLD, training_config=config).save(MEMBRANES_DIR / f"{concept.name}.safetensors")
+        replace(trained, base_model=world.name, training_config=config).save(world.membranes_dir / f"{concept.name}.safetensors")
         logging.info("shipped %s", concept.name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("train", "evaluate", "report", "ship"))
-    parser.add_argument("--output", default="outputs/concept_world")
+    parser.add_argument("--family", choices=tuple(WORLDS), default="unet",
+                        help="the world: `unet`, or `sd3` (the DiT world, issue 11's acceptance set)")
+    parser.add_argument("--output", help="default: outputs/<the world's folder name>, one per family")
     parser.add_argument("--shard", default="0/1", help="k/n: this process takes every n-th job from the k-th")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", default="", help="evaluate: only the tables whose name matches this regex")
@@ -256,9 +328,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     shard = tuple(int(x) for x in args.shard.split("/"))
-    output = Path(args.output)
-    {"train": lambda: train(output, shard), "evaluate": lambda: evaluate(output, shard, args.jobs),
-     "report": lambda: report(output), "ship": lambda: ship(output)}[args.stage]()
+    plan = make_plan(args.family)
+    output = Path(args.output or Path("outputs") / world_model(args.family).directory.name)
+    {"train": lambda: train(plan, output, shard), "evaluate": lambda: evaluate(plan, output, shard, args.jobs),
+     "report": lambda: report(plan, output), "ship": lambda: ship(plan, output)}[args.stage]()
 
 
 if __name__ == "__main__":

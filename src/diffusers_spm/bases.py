@@ -1,4 +1,5 @@
-"""Base models as users name them: a diffusers folder, a Hub id, or `concept-world` (the embedded world).
+"""Base models as users name them: a diffusers folder, a Hub id, or `concept-world` / `concept-world-sd3`
+(the embedded worlds: the UNet one and the diffusion-transformer one).
 
 Every command that takes `--base` goes through here, so the alias and the errors (a missing folder,
 a folder that is not a pipeline, a model that is neither cached nor reachable) are the same everywhere.
@@ -6,6 +7,7 @@ a folder that is not a pipeline, a model that is neither cached nor reachable) a
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from huggingface_hub.errors import HFValidationError
 from .utils import torch_dtype
 
 CONCEPT_WORLD = "concept-world"
-BASE_HELP = f"diffusers model folder, Hub id, or `{CONCEPT_WORLD}` (the embedded world)"
+CONCEPT_WORLD_SD3 = "concept-world-sd3"
+_WORLDS = f"`{CONCEPT_WORLD}` or `{CONCEPT_WORLD_SD3}`"
+BASE_HELP = f"diffusers model folder, Hub id, or {_WORLDS} (the embedded worlds: UNet, DiT)"
 
 
 class BaseModelError(ValueError):
@@ -26,33 +30,41 @@ class BaseModelError(ValueError):
 def resolve_base(base: str | os.PathLike, needs: str | tuple[str, ...] = "model_index.json") -> str:
     """The folder or Hub id that `base` names; a local folder must hold `needs` (a pipeline's index, or
     one of the denoiser configs where only the denoiser's layout is read)."""
-    text = str(base)
-    if text == CONCEPT_WORLD:
-        from .concept_world.model import WEIGHTS_DIR
+    from .concept_world.model import world_named
 
-        return str(WEIGHTS_DIR)
+    text = str(base)
+    world = world_named(text)
+    if world is not None:
+        return str(world.directory)
     path = Path(text).expanduser()
     if path.is_file():
         raise BaseModelError(f"{text} is a file; a base model is a diffusers folder (with model_index.json), "
-                             f"a Hub id, or `{CONCEPT_WORLD}`.")
+                             f"a Hub id, or {_WORLDS}.")
     if path.is_dir():
         needs = (needs,) if isinstance(needs, str) else needs
         if not any((path / need).is_file() for need in needs):
             raise BaseModelError(f"{text} is a folder but not a diffusers pipeline (no {' or '.join(needs)}); pass a "
-                                 f"folder written by `save_pretrained`, a Hub id, or `{CONCEPT_WORLD}`.")
+                                 f"folder written by `save_pretrained`, a Hub id, or {_WORLDS}.")
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise BaseModelError(f"No folder {text}; a base model is a diffusers folder, a Hub id, or `{CONCEPT_WORLD}`.")
+        raise BaseModelError(f"No folder {text}; a base model is a diffusers folder, a Hub id, or {_WORLDS}.")
     return text
 
 
 def from_pretrained(base: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
     """`DiffusionPipeline.from_pretrained` for whatever `base` names, its failures as one sentence."""
+    from .concept_world.model import world_named
+
     source = resolve_base(base)
+    kwargs = {**_absent_components(source), **kwargs}
     try:
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, HFValidationError) as exc:
         raise BaseModelError(f"Cannot load the base model {str(base)!r}: {_first_line(exc)}") from exc
+    world = world_named(str(base))
+    if world is not None:
+        pipe.register_to_config(_name_or_path=world.name)  # metadata names an embedded world, not this machine's path
+    return pipe
 
 
 def load_base_pipeline(base: str | os.PathLike, dtype: str = "fp32", device: str | None = None) -> DiffusionPipeline:
@@ -65,6 +77,16 @@ def load_base_pipeline(base: str | os.PathLike, dtype: str = "fp32", device: str
     pipe = add_spm_support(pipe.to(device or PartialState().device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _absent_components(source: str) -> dict[str, None]:
+    """The components a local folder's `model_index.json` lists as absent (`[null, null]`, e.g. SD3's T5
+    when saved without it): diffusers loads such a folder only when they are passed as None."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {name: None for name, value in entries.items() if value == [None, None]}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from ..bases import CONCEPT_WORLD, load_base_pipeline
+from ..bases import CONCEPT_WORLD, CONCEPT_WORLD_SD3, load_base_pipeline
 from ..transport import METRICS
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,13 @@ class Comparison:
 
 
 def shipped_membranes(base: str) -> dict[str, Path]:
-    """The membranes that come with `base`: the concept world's, by name; none for other models."""
-    if base != CONCEPT_WORLD:
-        return {}
-    from ..concept_world.experiments import MEMBRANES_DIR
+    """The membranes that come with `base`: an embedded world's, by name; none for other models."""
+    from ..concept_world.model import world_named
 
-    return {path.stem: path for path in sorted(MEMBRANES_DIR.glob("*.safetensors"))}
+    world = world_named(base)
+    if world is None:
+        return {}
+    return {path.stem: path for path in sorted(world.membranes_dir.glob("*.safetensors"))}
 
 
 def split_prompts(text: str) -> list[str]:
@@ -69,7 +70,7 @@ class MembraneSession:
         self.pipe = load_base_pipeline(base, dtype, device)
         self.shipped = shipped_membranes(base)
         # the world's 32x32 images need few steps and an enlargement to be seen
-        self.num_inference_steps = num_inference_steps or (10 if base == CONCEPT_WORLD else 30)
+        self.num_inference_steps = num_inference_steps or (10 if base in (CONCEPT_WORLD, CONCEPT_WORLD_SD3) else 30)
         self.display_size = display_size
         self.settings: dict[str, MembraneSetting] = {}
         self.metric, self.power = DEFAULT_METRIC, DEFAULT_POWER

@@ -1,8 +1,9 @@
 """The concept world: a small offline text-to-image world where concept erasure can be measured.
 
 It has concepts with synonyms and caption templates, a deterministic renderer, a judge (CNN) that
-reads shape / colour / texture off an image, a tiny trained ``StableDiffusionPipeline`` shipped as
-package data, and the erasure / preservation / alteration metrics.
+reads shape / colour / texture off an image, two tiny trained pipelines shipped as package data (a
+``StableDiffusionPipeline`` and, ``family="sd3"``, a ``StableDiffusion3Pipeline`` with a flow-matching
+transformer), and the erasure / preservation / alteration metrics.
 """
 
 from .judge import Judge, JudgeConfig, judge_accuracy, make_batch, train_judge
@@ -19,7 +20,15 @@ from .metrics import (
     preserved_concepts,
     reference_images,
 )
-from .model import JUDGE_DIR, WEIGHTS_DIR, load_concept_world_pipeline, weights_available
+from .model import (
+    JUDGE_DIR,
+    WEIGHTS_DIR,
+    WORLDS,
+    WorldModel,
+    load_concept_world_pipeline,
+    weights_available,
+    world_model,
+)
 from .world import (
     ALL_CONCEPTS,
     COLOURS,
@@ -60,7 +69,9 @@ __all__ = [
     "PromptCase",
     "Scene",
     "WEIGHTS_DIR",
+    "WORLDS",
     "WorldEvaluation",
+    "WorldModel",
     "alteration",
     "concept_cases",
     "evaluate_concepts",
@@ -75,4 +86,5 @@ __all__ = [
     "reference_images",
     "train_judge",
     "weights_available",
+    "world_model",
 ]

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..bases import CONCEPT_WORLD
 from ..evaluation.conditions import loras_applied
+from ..families import denoiser_of, family_of
 from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
@@ -36,12 +37,12 @@ from .metrics import (
     implicit_cases,
     reference_images,
 )
-from .model import WEIGHTS_DIR
+from .model import world_model
 from .world import ConceptWorld
 
 logger = logging.getLogger(__name__)
 
-MEMBRANES_DIR = WEIGHTS_DIR / "membranes"
+MEMBRANES_DIR = world_model("unet").membranes_dir
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ class WorldTraining:
     save_every: int | None = None  # also save the membrane every N iterations (time-to-quality curves)
 
 
+# The settings each world's membranes train with by default, by denoiser family: the one place where
+# flow matching's (the DiT world's `lr`, `la_strength`, ...) differ from epsilon's once its sweeps
+# settle them; the demo, the benchmark's variants and `train_world_membrane` all start from here.
+FAMILY_TRAINING: dict[str, WorldTraining] = {
+    "unet": WorldTraining(),
+    "sd3": WorldTraining(),
+}
+
+
+def world_training(family: str) -> WorldTraining:
+    """The default training settings of `family`'s world (`FAMILY_TRAINING`)."""
+    world_model(family)  # a clear error for a family the world has no model of
+    return FAMILY_TRAINING[family]
+
+
 def training_config(concept: str, action: str, settings: WorldTraining, output: Path,
                     base_model: str = CONCEPT_WORLD) -> TrainingConfig:
     """A trainer config for one concept of the world, erased towards the empty prompt, on `base_model`."""
@@ -85,12 +101,17 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
 
 
 def train_world_membrane(pipe: Any, concept: str, output: Path, action: str = "erase_with_la",
-                         settings: WorldTraining = WorldTraining()) -> Path:
-    """Train one membrane on `pipe` (the world's, or another trained on the world) and save it as
-    `<output>/<concept>_<action>.safetensors`; its metadata names the model it was trained on."""
+                         settings: WorldTraining | None = None) -> Path:
+    """Train one membrane on `pipe` (a world's, or another trained on the world) and save it as
+    `<output>/<concept>_<action>.safetensors`, in its family's file layout (so `load_lora_weights`
+    reads it too); its metadata names the model it was trained on. `settings` default to the
+    family's (`FAMILY_TRAINING`)."""
+    denoiser = denoiser_of(pipe)
+    family = family_of(denoiser)
+    settings = settings or world_training(family.name)
     config = training_config(concept, action, settings, output / "runs", model_name(pipe.name_or_path or CONCEPT_WORLD))
     membrane: Membrane = train_membrane(config, pipeline=pipe)
-    return membrane.save(output / f"{concept}_{action}.safetensors")
+    return family.save(membrane, output / f"{concept}_{action}.safetensors", denoiser)
 
 
 @dataclass
@@ -152,15 +173,17 @@ def compare(pipe: Any, judge: Judge, world: ConceptWorld, erased: Sequence[str],
 
 
 def implicit_frequency(pipe: Any, judge: Judge, world: ConceptWorld, concept: str, conditions: Sequence[Condition],
-                       prompts: int = 16, seeds_per_prompt: int = 12) -> dict[str, dict[str, float]]:
+                       prompts: int = 16, seeds_per_prompt: int = 12,
+                       sampler: WorldEvaluation = WorldEvaluation()) -> dict[str, dict[str, float]]:
     """How often each condition draws `concept` on prompts that leave its kind unnamed (the world's
-    I2P), per condition label: the judge's share and, for colours, the pixel count's."""
+    I2P), per condition label: the judge's share and, for colours, the pixel count's. Images are
+    sampled with `sampler`'s steps and guidance scale."""
     kind = world.concept(concept).kind
     cases = implicit_cases(world, kind, prompts, seeds_per_prompt)
     result = {}
     for condition in conditions:
         with applied(pipe, condition):
-            images = generate_images(pipe, [c.prompt for c in cases], [c.seed for c in cases])
+            images = generate_images(pipe, [c.prompt for c in cases], [c.seed for c in cases], **sampler.sampling())
         frequency = concept_frequency(judge, images, kind)
         result[condition.label] = {key: frequency.get(key, 0.0) for key in (concept, f"pixels:{concept}")
                                    if kind == "colour" or key == concept}
@@ -193,17 +216,19 @@ def write_grid(blocks: Sequence[tuple[Sequence[str], Sequence[tuple[str, np.ndar
 
 
 def before_after_grid(pipe: Any, world: ConceptWorld, concepts: Sequence[str], files: Sequence[Path], path: Path,
-                      metric: str = "tokensim") -> Path:
+                      metric: str = "tokensim", sampler: WorldEvaluation = WorldEvaluation()) -> Path:
     """Eight prompts naming each of `concepts` (two seeds each): a row without the membranes, a row
-    with them (transport on, `metric`), one pair of rows per concept."""
+    with them (transport on, `metric`), one pair of rows per concept; sampled with `sampler`'s steps
+    and guidance scale."""
     add_spm_support(pipe)
     names = ", ".join(Path(f).stem for f in files)
     blocks = []
     for concept in concepts:
         cases = concept_cases(world, [concept], prompts_per_concept=4, seeds_per_prompt=2, seed=7)
         prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
-        rows = [(f"erasing {concept}: no membrane", generate_images(pipe, prompts, seeds))]
+        rows = [(f"erasing {concept}: no membrane", generate_images(pipe, prompts, seeds, **sampler.sampling()))]
         with applied(pipe, Condition("with membrane", files, metric=metric)):
-            rows.append((f"erasing {concept}: with {names} ({metric} transport)", generate_images(pipe, prompts, seeds)))
+            rows.append((f"erasing {concept}: with {names} ({metric} transport)",
+                         generate_images(pipe, prompts, seeds, **sampler.sampling())))
         blocks.append(([f"{p} (seed {s})" for p, s in zip(prompts, seeds)], rows))
     return write_grid(blocks, path)

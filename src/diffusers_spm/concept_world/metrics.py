@@ -54,6 +54,10 @@ class WorldEvaluation:
     guidance_scale: float = 7.5
     seed: int = 0
 
+    def sampling(self) -> dict[str, Any]:
+        """The sampler settings, as :func:`generate_images` takes them."""
+        return dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale)
+
 
 @dataclass
 class ConceptMetrics:
@@ -169,9 +173,7 @@ def evaluate_concepts(
     world, erased list and ``evaluation``); without it alteration is ``None``.
     """
     erase_cases, keep_cases = evaluation_cases(world, erased, evaluation)
-    kwargs = dict(
-        num_inference_steps=evaluation.num_inference_steps, guidance_scale=evaluation.guidance_scale, progress=progress
-    )
+    kwargs = dict(evaluation.sampling(), progress=progress)
     erase_images = generate_images(pipe, [c.prompt for c in erase_cases], [c.seed for c in erase_cases], **kwargs)
     keep_images = generate_images(pipe, [c.prompt for c in keep_cases], [c.seed for c in keep_cases], **kwargs)
     erased_flags = ~judged_hits(judge, erase_images, erase_cases)
@@ -220,14 +222,8 @@ def reference_images(
 ) -> np.ndarray:
     """The images :func:`evaluate_concepts` compares against for alteration (run it on the base pipeline)."""
     cases = preservation_cases(world, erased, evaluation.preserve_prompts_per_concept, seed=evaluation.seed)
-    return generate_images(
-        pipe,
-        [c.prompt for c in cases],
-        [c.seed for c in cases],
-        num_inference_steps=evaluation.num_inference_steps,
-        guidance_scale=evaluation.guidance_scale,
-        progress=progress,
-    )
+    return generate_images(pipe, [c.prompt for c in cases], [c.seed for c in cases], progress=progress,
+                           **evaluation.sampling())
 
 
 def implicit_cases(world: ConceptWorld, kind: str, prompts: int = 16, seeds_per_prompt: int = 12,

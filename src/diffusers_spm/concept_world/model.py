@@ -1,21 +1,34 @@
-"""The concept world's tiny text-to-image model: configs and the offline loader.
+"""The concept world's tiny text-to-image models: configs, the registry of shipped models, the offline loader.
 
-The model is a real ``StableDiffusionPipeline`` (CLIP BPE tokenizer, ``CLIPTextModel``,
+The UNet world is a real ``StableDiffusionPipeline`` (CLIP BPE tokenizer, ``CLIPTextModel``,
 ``AutoencoderKL``, ``UNet2DConditionModel``, DDIM), only small: 32x32 images, 8x8x4 latents.
 Its layout matches SD 1.x in kind (cross-attention transformers in the UNet's down and up blocks),
-so membranes attach to it the same way they attach to SD.
+so membranes attach to it the same way they attach to SD. The DiT world is a real
+``StableDiffusion3Pipeline`` (two CLIP encoders, no T5, ``SD3Transformer2DModel``, flow matching)
+on the same latents, judged by the same judge (scripts/train_dit_concept_world.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..bases import CONCEPT_WORLD
+from ..bases import CONCEPT_WORLD, CONCEPT_WORLD_SD3, from_pretrained
+from .metrics import WorldEvaluation
 
 logger = logging.getLogger(__name__)
 
@@ -131,33 +144,104 @@ def write_pipeline_index(pipe: StableDiffusionPipeline, directory: str | Path) -
     pipe.save_config(directory)
 
 
-def weights_available(directory: str | Path = WEIGHTS_DIR) -> bool:
-    """Whether the trained weights are present (they are written by scripts/train_concept_world.py)."""
-    directory = Path(directory)
-    return all((directory / sub / "config.json").exists() for sub in ("unet", "vae", "text_encoder"))
+@dataclass(frozen=True)
+class WorldModel:
+    """One trained model of the world in package data: the one home of its folder, loader and names.
+
+    `name` is what `--base` accepts and membrane metadata records (a path would name the machine that
+    trained it); `family` is the denoiser family (`diffusers_spm.families`) of its pipeline.
+    """
+
+    family: str
+    name: str
+    directory: Path
+    components: tuple[str, ...]  # the sub-folders that must hold a config for the weights to count as present
+    script: str  # what writes the weights, named in errors
+    guidance_scale: float  # the CFG its held-out accuracy was measured at (its model card)
+
+    @property
+    def membranes_dir(self) -> Path:
+        """Where this world's shipped membranes lie (one per concept, `<concept>.safetensors`)."""
+        return self.directory / "membranes"
+
+    def evaluation(self, counts: WorldEvaluation = WorldEvaluation()) -> WorldEvaluation:
+        """`counts` (prompts, seeds, steps) sampled at this world's guidance scale."""
+        return replace(counts, guidance_scale=self.guidance_scale)
+
+    def available(self, directory: str | Path | None = None) -> bool:
+        """Whether the weights are present in `directory` (default: the package's)."""
+        directory = Path(directory or self.directory)
+        return all((directory / sub / "config.json").exists() for sub in self.components)
+
+
+WORLDS: dict[str, WorldModel] = {
+    world.family: world
+    for world in (
+        WorldModel("unet", CONCEPT_WORLD, WEIGHTS_DIR, ("unet", "vae", "text_encoder"),
+                   "scripts/train_concept_world.py", guidance_scale=7.5),
+        WorldModel("sd3", CONCEPT_WORLD_SD3, ASSETS / "concept_world_sd3",
+                   ("transformer", "vae", "text_encoder", "text_encoder_2"), "scripts/train_dit_concept_world.py",
+                   guidance_scale=5.0),
+    )
+}
+
+
+def world_model(family: str = "unet") -> WorldModel:
+    """The world model of a denoiser family (`unet` or `sd3`)."""
+    if family not in WORLDS:
+        raise ValueError(f"The concept world has no {family!r} model; families: {', '.join(WORLDS)}.")
+    return WORLDS[family]
+
+
+def world_named(name: str) -> WorldModel | None:
+    """The world model a base-model name (`concept-world`, `concept-world-sd3`) stands for, if any."""
+    return next((world for world in WORLDS.values() if world.name == name), None)
+
+
+def weights_available(directory: str | Path | None = None, family: str = "unet") -> bool:
+    """Whether the trained weights of `family`'s world are present (in `directory`, default the package's)."""
+    return world_model(family).available(directory)
 
 
 def load_concept_world_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    directory: str | Path = WEIGHTS_DIR,
-) -> StableDiffusionPipeline:
-    """Load the shipped concept-world pipeline, offline, from package data.
+    directory: str | Path | None = None,
+    family: str = "unet",
+) -> DiffusionPipeline:
+    """Load a shipped concept-world pipeline, offline, from package data: the UNet world
+    (``StableDiffusionPipeline``) or, with ``family="sd3"``, the DiT world (``StableDiffusion3Pipeline``,
+    no T5).
 
-    The weights are stored in fp16 to keep the package small; they load as ``dtype``
-    (default fp32, which is what CPU inference wants).
+    The weights are stored in fp16 to keep the package small; they load as ``dtype`` (default fp32,
+    which is what CPU inference wants). The pipeline is named by the world's portable name, so
+    membranes trained on it record that name, not this machine's path.
     """
-    directory = Path(directory)
-    if not weights_available(directory):
-        raise FileNotFoundError(f"no concept-world weights in {directory}; run scripts/train_concept_world.py")
+    world = world_model(family)
+    directory = Path(directory or world.directory)
+    if not world.available(directory):
+        raise FileNotFoundError(f"No {world.name} weights in {directory}; run {world.script}.")
     dtype = dtype or torch.float32
-    kwargs = dict(torch_dtype=dtype, local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(directory / "unet", **kwargs)
-    vae = AutoencoderKL.from_pretrained(directory / "vae", **kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", dtype=dtype, local_files_only=True)
-    scheduler = DDIMScheduler.from_pretrained(directory / "scheduler", local_files_only=True)
-    pipe = assemble_pipeline(unet, vae, text_encoder, scheduler)
-    pipe.register_to_config(_name_or_path=CONCEPT_WORLD)  # how metadata names it, on any machine
+    with _loading_bars_off():
+        pipe = from_pretrained(directory, dtype=dtype, local_files_only=True)
+    pipe.register_to_config(_name_or_path=world.name)  # how metadata names it, on any machine
     pipe.set_progress_bar_config(disable=True)
-    logger.debug("loaded the concept-world pipeline from %s as %s", directory, dtype)
+    logger.debug("loaded the %s pipeline from %s as %s", world.name, directory, dtype)
     return pipe.to(device or "cpu")
+
+
+@contextlib.contextmanager
+def _loading_bars_off() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off for a block (a library call prints no bars)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    restore = [lib.enable_progress_bar for lib in libraries if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for enable in restore:
+            enable()

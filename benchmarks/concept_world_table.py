@@ -299,10 +299,13 @@ def report(plan: Plan, output: Path) -> None:
 
 def ship(plan: Plan, output: Path) -> None:
     """Copy each concept's seed-0 membrane (never chosen by its score) into the package's shipped set
-    of the plan's world, its metadata naming the model by the world's name (`concept-world`, ...)."""
+    of the plan's world, in its family's file layout, its metadata naming the model by the world's
+    name (`concept-world`, ...)."""
     from diffusers_spm import Membrane
+    from diffusers_spm.families import denoiser_of, family_of
 
     world = world_model(plan.family)
+    denoiser = denoiser_of(load_concept_world_pipeline(family=plan.family))
     for concept in ALL_CONCEPTS:
         source = membrane(output, "shipped", concept.name, SEEDS[0])
         if not source.exists():
@@ -311,7 +314,8 @@ def ship(plan: Plan, output: Path) -> None:
         config = dict(trained.training_config or {})
         config["pretrained_model"] = {**config.get("pretrained_model", {}), "name_or_path": world.name}
         config.pop("save", None)  # where the benchmark kept its runs says nothing about the membrane
-        replace(trained, base_model=world.name, training_config=config).save(world.membranes_dir / f"{concept.name}.safetensors")
+        family_of(denoiser).save(replace(trained, base_model=world.name, training_config=config),
+                                 world.membranes_dir / f"{concept.name}.safetensors", denoiser)
         logging.info("shipped %s", concept.name)
 
 

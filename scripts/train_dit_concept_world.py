@@ -42,7 +42,6 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffusers_spm.bases import CONCEPT_WORLD_SD3
 from diffusers_spm.concept_world import model as cw_model
 from diffusers_spm.concept_world.judge import Judge, judge_accuracy
 from diffusers_spm.concept_world.metrics import generate_images
@@ -57,7 +56,7 @@ CHECKPOINT = "checkpoint.pt"
 PIPELINE_T5_ROWS = 256  # the pipeline's default `max_sequence_length`: zero rows when there is no T5
 MAX_TOKENS = 24  # the longest caption of the world is 17 tokens with its start and end tokens
 WIDTHS = (64, 32)  # text encoder 1 (the UNet world's width) and 2
-OUTPUT = cw_model.ASSETS / "concept_world_sd3"
+OUTPUT = cw_model.world_model("sd3").directory
 
 
 def make_tokenizer() -> CLIPTokenizer:
@@ -331,7 +330,7 @@ from scratch on the same world as the UNet concept world ({len(world.shapes)} sh
 shares its autoencoder, tokenizer and judge, so membranes on both worlds are measured alike.
 
 Load it with `diffusers_spm.concept_world.load_concept_world_pipeline(family="sd3")` (fp32), as
-`--base {CONCEPT_WORLD_SD3}` on the command line, or with
+`--base {cw_model.world_model("sd3").name}` on the command line, or with
 `StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)`.
 
 ## How it was made

@@ -182,4 +182,26 @@ def test_model_card_is_written_from_training_stats(tmp_path, monkeypatch):
     assert "**joint 93.5%**. The target of issue 11 (joint >= 90 %) is met." in card
     assert f"| transformer | {stats['parameters']['transformer']:,} |" in card
     assert "appends\n  `max_sequence_length` (default 256) zero rows to the 24 CLIP rows" in card
-    assert "--quick" not in card
+    assert "as\n`--base concept-world-sd3` on the command line" in card and "--quick" not in card
+
+
+def test_harness_reproduces_the_dit_world_figures(pipe, tmp_path):
+    from diffusers_spm.concept_world.harness import concept_world_task
+    from diffusers_spm.evaluation.conditions import EvalCondition
+    from diffusers_spm.evaluation.runner import evaluate
+
+    judge, world = load_judge(), ConceptWorld()
+    path = save_membrane(pipe, ["red"], tmp_path / "red.safetensors", seed=0)
+    counts = WorldEvaluation(prompts_per_concept=3, seeds_per_prompt=2, preserve_prompts_per_concept=1,
+                             num_inference_steps=STEPS, guidance_scale=5.0)
+    direct = {"base": evaluate_concepts(pipe, judge, world, ["red"], evaluation=counts)}
+    with pipe.spm_applied(path):
+        direct["spm"] = evaluate_concepts(pipe, judge, world, ["red"], evaluation=counts)
+    spm = EvalCondition("spm", (str(path),))
+    result = evaluate(pipe, concept_world_task(judge, world, ["red"], counts), [EvalCondition("base"), spm],
+                      tmp_path / "eval")
+    for name, condition in (("base", "base"), ("spm", spm.name)):
+        scores = result.results[condition]
+        # PNG storage rounds pixels to 1/255; allow one image of the 6 or 14 to flip.
+        assert scores["erasure"] == pytest.approx(direct[name].erasure, abs=1 / 6 + 1e-9)
+        assert scores["preservation"] == pytest.approx(direct[name].preservation, abs=1 / 14 + 1e-9)

@@ -280,3 +280,19 @@ def test_membrane_trained_on_sd3_loads_with_load_spm(tmp_path):
     assert abs(after - before).max() > 1e-3
     pipe.unload_spm()
     assert (pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images == before).all()
+
+
+def test_cli_trains_from_an_sd3_folder_saved_without_t5(tmp_path):
+    """diffusers refuses to load a folder whose index marks a component null unless it is passed as
+    None; the base loader does that, so `diffusers-spm train` takes such a folder as it is."""
+    from diffusers_spm.cli import main
+
+    model = tmp_path / "model"
+    BUILDERS["sd3"]().save_pretrained(model)
+    (tmp_path / "config.yaml").write_text(
+        f'pretrained_model:\n  name_or_path: "{model}"\nconcepts:\n  - target: "snoopy"\n    resolution: 8\n'
+        f'train:\n  optimizer_type: AdamW\n  iterations: 1\n  max_denoising_steps: 3\n  lr_warmup_steps: 0\n'
+        f'save:\n  name: snoopy\n  path: "{tmp_path / "out"}"\n')
+    assert main(["train", str(tmp_path / "config.yaml")]) == 0
+    membrane = Membrane.from_file(tmp_path / "out" / "snoopy_last.safetensors")
+    assert membrane.family == "sd3" and membrane.base_model == "model"

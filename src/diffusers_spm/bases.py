@@ -47,10 +47,15 @@ def resolve_base(base: str | os.PathLike, needs: str | tuple[str, ...] = "model_
 
 
 def from_pretrained(base: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
-    """`DiffusionPipeline.from_pretrained` for whatever `base` names, its failures as one sentence."""
+    """`DiffusionPipeline.from_pretrained` for whatever `base` names, its failures as one sentence.
+
+    Components the pipeline was saved without (`[null, null]` in its index, e.g. SD3 with
+    `text_encoder_3=None`) are passed as None, which diffusers requires to load such a folder."""
     source = resolve_base(base)
     try:
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
+        index = DiffusionPipeline.load_config(source)
+        absent = {name: None for name, value in index.items() if value == [None, None]}
+        return DiffusionPipeline.from_pretrained(source, **{**absent, **kwargs})
     except (OSError, HFValidationError) as exc:
         raise BaseModelError(f"Cannot load the base model {str(base)!r}: {_first_line(exc)}") from exc
 

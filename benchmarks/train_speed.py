@@ -1,9 +1,12 @@
-"""Training speed and memory: batched vs unbatched UNet calls (`train.batch_unet_calls`), and the
+"""Training speed and memory: batched vs unbatched denoiser calls (`train.batch_unet_calls`), and the
 reference's loop.
 
-Runs the same seeded iterations in three forms, their steps interleaved, on (1) the tiny test
-pipeline and (2) a UNet of SD-1.5 size (`UNet2DConditionModel` defaults with 768-wide
-cross-attention, random weights) at a small latent size, and prints one table. The forms:
+Runs the same seeded iterations in several forms, their steps interleaved, and prints one table.
+`--family unet` (the default): (1) the tiny test pipeline, (2) a UNet of SD-1.5 size
+(`UNet2DConditionModel` defaults with 768-wide cross-attention, random weights) at a small latent
+size, (3) the concept world. `--family sd3`: (1) the tiny test SD3 pipeline, (2) an SD3 transformer
+of the DiT concept world's size (4 joint blocks, 3 heads of 32, dual attention in the first two;
+random weights) on 8x8x4 latents. `--family flux`: the tiny test Flux pipeline. The forms:
 - "reference": the reference's loop: unbatched calls, and the partial denoising runs the
   membrane as an adapter beside each layer (`with network:` in the reference);
 - "unbatched": `batch_unet_calls: false`; the membrane is merged into the weights for the
@@ -18,6 +21,7 @@ the RSS at the start of each iteration (CPU, sampled every 2 ms), or the growth 
 `torch.cuda.max_memory_allocated` (GPU).
 
     python benchmarks/train_speed.py                 # CPU defaults, a few minutes on 2 cores
+    python benchmarks/train_speed.py --family sd3 --denoising-steps 30
     python benchmarks/train_speed.py --device cuda --sd15-iterations 20 --sd15-latent 64
 """
 
@@ -37,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import tiny_components, tiny_pipeline  # noqa: E402
+from tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 from diffusers_spm.concept_world import load_concept_world_pipeline  # noqa: E402
 from diffusers_spm.training import TrainingConfig  # noqa: E402
 from diffusers_spm.training.trainer import MembraneTrainer  # noqa: E402
@@ -56,6 +61,20 @@ def sd15_pipeline():
         num_attention_heads=4, num_hidden_layers=1, vocab_size=49408, max_position_embeddings=77))
     pipe = StableDiffusionPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_world_size_pipeline():
+    """The tiny SD3 pipeline's text encoders (32 + 32 wide) with a transformer of the DiT concept
+    world's size (random weights); no T5, as in the world."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = tiny_sd3_pipeline(with_t5=False)
+    torch.manual_seed(0)
+    pipe.transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=3, caption_projection_dim=96, joint_attention_dim=64, pooled_projection_dim=64,
+        dual_attention_layers=(0, 1), qk_norm="rms_norm", pos_embed_max_size=8)
     return pipe
 
 
@@ -159,32 +178,38 @@ def run(pipe_factory, latent: int, iterations: int, device: str, denoising_steps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("unet", "sd3", "flux"), default="unet")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spinning on a shared machine)")
     parser.add_argument("--denoising-steps", type=int, default=30, help="train.max_denoising_steps (reference: 30)")
     parser.add_argument("--tiny-iterations", type=int, default=10)
-    parser.add_argument("--sd15-iterations", type=int, default=2)
+    parser.add_argument("--sd15-iterations", type=int, default=2, help="--family unet")
     parser.add_argument("--sd15-latent", type=int, default=8, help="latent side (8 = 64 px for SD)")
     parser.add_argument("--world-iterations", type=int, default=20,
-                        help="iterations on the concept world at its training size (0: skip)")
+                        help="iterations on the concept world at its training size (--family sd3: the DiT world's "
+                             "size; 0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    # (name, pipeline factory, latent side, iterations, warm-up)
+    if args.family == "unet":
+        cases = [("tiny (test UNet), 16x16 latent", tiny_pipeline, 16, args.tiny_iterations, True),
+                 (f"SD-1.5-size UNet, {args.sd15_latent}x{args.sd15_latent} latent", sd15_pipeline, args.sd15_latent,
+                  args.sd15_iterations, args.device == "cuda")]
+        if args.world_iterations:
+            world = load_concept_world_pipeline
+            cases.append(("concept world, 32 px", world, 32 // world().vae_scale_factor, args.world_iterations, True))
+    elif args.family == "sd3":
+        cases = [("tiny SD3 (test transformer), 8x8 latent", lambda: tiny_sd3_pipeline(with_t5=False), 8,
+                  args.tiny_iterations, True),
+                 ("SD3, DiT-world size, 8x8x4 latent", sd3_world_size_pipeline, 8, args.world_iterations, True)]
+    else:
+        cases = [("tiny Flux (test transformer), 8x8 latent", tiny_flux_pipeline, 8, args.tiny_iterations, True)]
     rows = []
-    if args.tiny_iterations:
-        rows.append(("tiny (test UNet), 16x16 latent", run(tiny_pipeline, 16, args.tiny_iterations, args.device,
-                                                           args.denoising_steps, warmup=True)))
-        print(rows[-1], flush=True)
-    if args.sd15_iterations:
-        rows.append((f"SD-1.5-size UNet, {args.sd15_latent}x{args.sd15_latent} latent",
-                     run(sd15_pipeline, args.sd15_latent, args.sd15_iterations, args.device, args.denoising_steps,
-                         warmup=args.device == "cuda")))
-        print(rows[-1], flush=True)
-    if args.world_iterations:
-        world = load_concept_world_pipeline
-        rows.append(("concept world, 32 px", run(world, 32 // world().vae_scale_factor, args.world_iterations,
-                                                 args.device, args.denoising_steps, warmup=True)))
-        print(rows[-1], flush=True)
+    for name, factory, latent, iterations, warmup in cases:
+        if iterations:
+            rows.append((name, run(factory, latent, iterations, args.device, args.denoising_steps, warmup)))
+            print(rows[-1], flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     print(f"\nDevice: {device}; erase_with_la, 4 anchors, max_denoising_steps={args.denoising_steps}\n")
     print("| model | it/s reference / unbatched / batched / stale | batched vs unbatched | batched vs reference | "

@@ -7,7 +7,6 @@ a folder that is not a pipeline, a model that is neither cached nor reachable) a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,13 +51,17 @@ def resolve_base(base: str | os.PathLike, needs: str | tuple[str, ...] = "model_
 
 
 def from_pretrained(base: str | os.PathLike, **kwargs: Any) -> DiffusionPipeline:
-    """`DiffusionPipeline.from_pretrained` for whatever `base` names, its failures as one sentence."""
+    """`DiffusionPipeline.from_pretrained` for whatever `base` names, its failures as one sentence.
+
+    Components the pipeline was saved without (`[null, null]` in its index, e.g. SD3 with
+    `text_encoder_3=None`) are passed as None, which diffusers requires to load such a folder."""
     from .concept_world.model import world_named
 
     source = resolve_base(base)
-    kwargs = {**_absent_components(source), **kwargs}
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        index = DiffusionPipeline.load_config(source)
+        absent = {name: None for name, value in index.items() if value == [None, None]}
+        pipe = DiffusionPipeline.from_pretrained(source, **{**absent, **kwargs})
     except (OSError, HFValidationError) as exc:
         raise BaseModelError(f"Cannot load the base model {str(base)!r}: {_first_line(exc)}") from exc
     world = world_named(str(base))
@@ -77,16 +80,6 @@ def load_base_pipeline(base: str | os.PathLike, dtype: str = "fp32", device: str
     pipe = add_spm_support(pipe.to(device or PartialState().device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _absent_components(source: str) -> dict[str, None]:
-    """The components a local folder's `model_index.json` lists as absent (`[null, null]`, e.g. SD3's T5
-    when saved without it): diffusers loads such a folder only when they are passed as None."""
-    index = Path(source) / "model_index.json"
-    if not index.is_file():
-        return {}
-    entries = json.loads(index.read_text())
-    return {name: None for name, value in entries.items() if value == [None, None]}
 
 
 def _first_line(exc: BaseException) -> str:

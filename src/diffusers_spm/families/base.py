@@ -12,6 +12,11 @@ A family answers four questions, each in one place:
 - **how the rate reaches each row** (`rates_per_call`): from the text encoders' hooks
   (`encodings.py`), which trace each row of the text states back to its texts on every route, or,
   where the text states cannot be traced yet, per pipeline call from the prompt strings.
+
+For training (`diffusers_spm.training`, which asks but is never imported here), a family also says
+what its denoiser predicts (`prediction_type`), how a prompt becomes its conditioning
+(`conditioning`), the latents' shape (`latent_shape`, `latent_multiple`), how its pipeline sets a
+flow-matching schedule (`timestep_kwargs`), and how to call it once (`predict`).
 """
 
 from __future__ import annotations
@@ -149,7 +154,7 @@ class DenoiserFamily:
     file_layout: ClassVar[FileLayout] = "diffusers"
 
     def save(self, membrane: Membrane, path: str | os.PathLike, denoiser: nn.Module,
-             layout: FileLayout | None = None) -> Path:
+             layout: FileLayout | None = None, dtype: torch.dtype | None = None) -> Path:
         """Write `membrane` for `denoiser` in `layout` (the family's default), with the family in its metadata.
 
         `reference`: kohya-style keys of this runtime's layer names; `diffusers`: the PEFT layout;
@@ -157,11 +162,11 @@ class DenoiserFamily:
         membrane = dataclasses.replace(membrane, family=self.name)
         layout = layout or self.file_layout
         if layout == "kohya":
-            return self.to_original_names(membrane, denoiser).save(path)
+            return self.to_original_names(membrane, denoiser).save(path, dtype=dtype)
         if layout == "diffusers":
             paths = {name: module_path for name, (module_path, _) in self.targets(denoiser).items()}
-            return membrane.save(path, diffusers_paths=paths, prefix=f"{self.denoiser_attribute}.")
-        return membrane.save(path)
+            return membrane.save(path, dtype=dtype, diffusers_paths=paths, prefix=f"{self.denoiser_attribute}.")
+        return membrane.save(path, dtype=dtype)
 
     def to_runtime_names(self, membrane: Membrane, denoiser: nn.Module) -> Membrane:
         """The membrane keyed by this runtime's layer names (files in other tools' layouts are mapped here)."""
@@ -199,3 +204,59 @@ class DenoiserFamily:
     def token_embeddings(self, pipe: Any) -> torch.Tensor:
         """The input-embedding table of the encoder whose tokens `token_sets` gives (`tokensim`)."""
         return pipe.text_encoder.get_input_embeddings().weight
+
+    # ------------------------------------------------------------------ training
+    # The defaults are the flow-matching transformers' (SD3, Flux); docs/training.md, "Prediction spaces, per family".
+    def prediction_type(self, pipe: Any) -> str:
+        """What the denoiser predicts: `flow` (the flow-matching velocity `e - x0`), or a diffusion
+        model's `epsilon`, `v_prediction` or `sample`."""
+        return "flow"
+
+    def conditioning(self, pipe: Any, texts: list[str], device: torch.device | str,
+                     clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[P, L, D] text states and [P, D'] pooled embeddings (None if the denoiser takes none), as the
+        pipeline's own `encode_prompt` gives them, on `device` (where the text encoders are).
+        `clip_skip` is diffusers' (layers skipped), for pipelines whose `encode_prompt` takes it."""
+        raise NotImplementedError(
+            f"Training membranes on {self.label} is not supported yet: its family module "
+            f"(diffusers_spm/families/{self.name}.py) must define `conditioning` and `predict` "
+            "(docs/architecture.md, 'Adding a denoiser family')."
+        )
+
+    def predict(self, denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None, guidance: float = 1.0
+                ) -> torch.Tensor:
+        """One forward on latents [B, C, h, w] at the scheduler's `timestep` (0-d, in its units), in the
+        latents' layout; `guidance` is read only by guidance-distilled denoisers (`guidance_embedded`)."""
+        raise NotImplementedError(f"Training membranes on {self.label} is not supported yet (no `predict`).")
+
+    def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of a height x width image, before any packing."""
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        return getattr(pipe, self.denoiser_attribute).config.in_channels, height // scale, width // scale
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        """The latents' sides must be multiples of this: the transformer's patch size."""
+        return getattr(denoiser.config, "patch_size", None) or 1
+
+    def size_conditioned(self, denoiser: nn.Module) -> bool:
+        """Whether the denoiser takes SDXL's size and crop time ids."""
+        return False
+
+    def guidance_embedded(self, denoiser: nn.Module) -> bool:
+        """Guidance-distilled (Flux-dev): the guidance scale is an input, in place of a CFG pair."""
+        return False
+
+    def timestep_kwargs(self, scheduler: Any, steps: int, denoiser: nn.Module, latent_shape: Sequence[int]
+                        ) -> dict[str, Any]:
+        """`set_timesteps` arguments as the family's pipeline passes them for `steps` steps on latents of
+        `latent_shape` (C, h, w): with `use_dynamic_shifting`, the shift `mu` from the image's token count."""
+        if not scheduler.config.get("use_dynamic_shifting"):
+            return {}
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        multiple = self.latent_multiple(denoiser)
+        tokens = (latent_shape[-2] // multiple) * (latent_shape[-1] // multiple)
+        config = scheduler.config
+        return {"mu": calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
+                                      config.max_shift)}

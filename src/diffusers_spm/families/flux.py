@@ -10,15 +10,21 @@ Transport: the T5 sequence is what the transformer receives as `encoder_hidden_s
 (`clipcos`); the pooled CLIP-L output, which is its end-of-text state, serves `eoscos`. Tokens:
 the CLIP tokenizer. Rows: Flux-dev is guidance-distilled (no negative rows); with `true_cfg_scale`
 the negative prompt runs as a second call of the same size.
+
+Training: flow matching (velocity); latents are packed 2x2 inside `predict`, so the trainer sees
+[B, C, h, w] as for every family. Flux-dev's partial denoising is one call with the guidance
+embedding, no CFG pair (`guidance_embedded`); the schedule is `FluxPipeline`'s (sigmas 1 to 1/T,
+resolution-dependent shift).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
 from .base import DenoiserFamily, RowLayout
@@ -63,9 +69,48 @@ class FluxFamily(OriginalKeyFamily, DenoiserFamily):
         return keys
 
     def text_states(self, pipe: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=pipe._execution_device,
-                                               num_images_per_prompt=1)
+        return self.conditioning(pipe, texts, pipe._execution_device)
+
+    # ------------------------------------------------------------------ training
+    def conditioning(self, pipe: Any, texts: list[str], device: torch.device | str,
+                     clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 states and the pooled CLIP-L output; Flux's `encode_prompt` takes no `clip_skip` (the config says so)."""
+        embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device, num_images_per_prompt=1)
         return embeds, pooled
+
+    def latent_shape(self, pipe: Any, height: int, width: int) -> tuple[int, int, int]:
+        """The pipeline's: `in_channels / 4` channels (packing 2x2 makes them `in_channels`), even sides."""
+        scale = pipe.vae_scale_factor * 2
+        return pipe.transformer.config.in_channels // 4, 2 * (height // scale), 2 * (width // scale)
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        return 2  # latents are packed in 2x2 patches
+
+    def guidance_embedded(self, denoiser: nn.Module) -> bool:
+        return bool(denoiser.config.guidance_embeds)
+
+    def timestep_kwargs(self, scheduler: Any, steps: int, denoiser: nn.Module, latent_shape: Sequence[int]
+                        ) -> dict[str, Any]:
+        """As `FluxPipeline`: sigmas from 1 to 1/steps, then the resolution-dependent shift."""
+        return {**super().timestep_kwargs(scheduler, steps, denoiser, latent_shape),
+                "sigmas": np.linspace(1.0, 1 / steps, steps)}
+
+    def predict(self, denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None, guidance: float = 1.0
+                ) -> torch.Tensor:
+        """Packs the latents 2x2 with their position ids, runs at `timestep / 1000` (and the guidance
+        embedding, for guidance-distilled models), and unpacks the velocity."""
+        batch, channels, height, width = latents.shape
+        packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype)
+        embedded = None
+        if self.guidance_embedded(denoiser):
+            embedded = torch.full((batch,), guidance, device=latents.device, dtype=torch.float32)
+        output = denoiser(hidden_states=packed, timestep=timestep.expand(batch).to(latents.dtype) / 1000,
+                          guidance=embedded, pooled_projections=pooled, encoder_hidden_states=text, txt_ids=text_ids,
+                          img_ids=image_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(output, height, width, vae_scale_factor=1)
 
 
 FAMILY = FluxFamily()

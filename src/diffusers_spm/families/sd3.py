@@ -9,6 +9,9 @@ Transport: `encode_prompt` gives the joint text states (CLIP-L and CLIP-G side b
 which is zeros when `text_encoder_3=None`) and the pooled CLIP-L + CLIP-G projection, which is each
 CLIP's end-of-text output, so `eoscos` reads it directly. Tokens: the CLIP tokenizer. CFG runs in
 one batch, `[negative rows, prompt rows]`.
+
+Training: flow matching (velocity), the pipeline's `encode_prompt`, one forward per call; CFG pairs in
+the partial denoising, as the pipeline samples.
 """
 
 from __future__ import annotations
@@ -58,11 +61,22 @@ class SD3Family(OriginalKeyFamily, DenoiserFamily):
         return keys
 
     def text_states(self, pipe: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conditioning(pipe, texts, pipe._execution_device)
+
+    # ------------------------------------------------------------------ training
+    def conditioning(self, pipe: Any, texts: list[str], device: torch.device | str,
+                     clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, device=pipe._execution_device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
+            prompt=texts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, clip_skip=clip_skip,
         )
         return embeds, pooled
+
+    def predict(self, denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None, guidance: float = 1.0
+                ) -> torch.Tensor:
+        return denoiser(hidden_states=latents, timestep=timestep.expand(latents.shape[0]), encoder_hidden_states=text,
+                        pooled_projections=pooled, return_dict=False)[0]
 
 
 FAMILY = SD3Family()

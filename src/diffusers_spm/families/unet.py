@@ -61,4 +61,27 @@ class UNetFamily(DenoiserFamily):
         return embeds, embeds[torch.arange(len(texts), device=embeds.device), ends]
 
 
+    # ------------------------------------------------------------------ training
+    def prediction_type(self, pipe: Any) -> str:
+        return pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def size_conditioned(self, denoiser: nn.Module) -> bool:
+        return getattr(denoiser.config, "addition_embed_type", None) == "text_time"
+
+    def conditioning(self, pipe: Any, texts: list[str], device: torch.device | str,
+                     clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP states (SDXL: both encoders side by side) and, for SDXL, the second encoder's pooled output."""
+        if hasattr(pipe, "text_encoder_2"):
+            text, _, pooled, _ = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False, clip_skip=clip_skip)
+            return text, pooled
+        return pipe.encode_prompt(texts, device, 1, False, clip_skip=clip_skip)[0], None
+
+    def predict(self, denoiser: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None, guidance: float = 1.0
+                ) -> torch.Tensor:
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
+        return denoiser(latents, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
+
+
 FAMILY = UNetFamily()

@@ -1,8 +1,10 @@
-"""Text conditioning for the trainer's UNet calls, the same for SD 1.x/2.x and SDXL.
+"""Text conditioning for the trainer's denoiser calls, the same for every family.
 
-SD rows carry the text-encoder output `[77, d]`; SDXL rows also carry the pooled embedding of the
-second encoder and the six size/crop time ids. Every UNet call of the trainer is a stack of such
-rows, so batching calls is concatenation.
+A row carries the text states the denoiser receives `[L, d]` and, where it takes one, a pooled
+embedding (SDXL's second encoder, SD3's two CLIPs, Flux's CLIP-L); SDXL rows also carry the six
+size/crop time ids. Every denoiser call of the trainer is a stack of such rows, so batching calls
+is concatenation. The family says how prompts become rows (`DenoiserFamily.conditioning`) and how
+rows enter the denoiser (`DenoiserFamily.predict`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..families import DenoiserFamily
 
 # A handful of the CLIP ImageNet prompt templates, for `use_template`.
 TEMPLATES: tuple[str, ...] = (
@@ -23,7 +27,8 @@ TEMPLATES: tuple[str, ...] = (
 
 @dataclass
 class Conditioning:
-    """Rows of UNet conditioning: `text` [B, L, d] and, for SDXL, `pooled` [B, p] and `time_ids` [B, 6]."""
+    """Rows of denoiser conditioning: `text` [B, L, d], `pooled` [B, p] where the denoiser takes it, and for
+    SDXL `time_ids` [B, 6]."""
 
     text: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -46,12 +51,6 @@ class Conditioning:
             return self
         return Conditioning(self.text, self.pooled, time_ids.to(self.text.device).expand(len(self), -1))
 
-    def unet_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self.text}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kwargs
-
     def _parts(self) -> tuple[torch.Tensor | None, ...]:
         return self.text, self.pooled, self.time_ids
 
@@ -62,13 +61,13 @@ class Conditioning:
 
 
 class PromptEncoder:
-    """Encodes prompts once with the pipeline's own `encode_prompt` (so clip skip and SDXL's two
-    encoders behave as at inference) and caches them."""
+    """Encodes prompts once with the pipeline's own `encode_prompt` (through the family, so clip skip
+    and the several encoders behave as at inference) and caches them on `device`. The text encoders
+    run where they are: on the CPU when offloaded (`train.offload_text_encoders`)."""
 
-    def __init__(self, pipe: Any, device: torch.device, clip_skip: int | None) -> None:
-        self.pipe = pipe
-        self.device = device
-        self.is_xl = hasattr(pipe, "text_encoder_2")
+    def __init__(self, pipe: Any, family: DenoiserFamily, device: torch.device, clip_skip: int | None,
+                 encoder_device: torch.device) -> None:
+        self.pipe, self.family, self.device, self.encoder_device = pipe, family, device, encoder_device
         # Reference: clip_skip 1 = last layer. diffusers: clip_skip 1 = one layer skipped.
         self.clip_skip = clip_skip - 1 if clip_skip and clip_skip > 1 else None
         self._cache: dict[str, Conditioning] = {}
@@ -76,15 +75,8 @@ class PromptEncoder:
     @torch.no_grad()
     def __call__(self, prompt: str) -> Conditioning:
         if prompt not in self._cache:
-            if self.is_xl:
-                text, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-                    clip_skip=self.clip_skip,
-                )
-                self._cache[prompt] = Conditioning(text, pooled)
-            else:
-                text, _ = self.pipe.encode_prompt(prompt, self.device, 1, False, clip_skip=self.clip_skip)
-                self._cache[prompt] = Conditioning(text)
+            text, pooled = self.family.conditioning(self.pipe, [prompt], self.encoder_device, clip_skip=self.clip_skip)
+            self._cache[prompt] = Conditioning(text.to(self.device), None if pooled is None else pooled.to(self.device))
         return self._cache[prompt]
 
 

@@ -10,6 +10,7 @@ here has an effect.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 from diffusers.optimization import SchedulerType
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,9 @@ class NetworkConfig(_Section):
 
 class TrainConfig(_Section):
     precision: Precision = "float32"
-    noise_scheduler: Literal["ddim"] = "ddim"
+    # The partial denoising's scheduler; None: the family's own (DDIM for UNets, as the reference; the
+    # flow-matching Euler scheduler for SD3/Flux). Checked against the base model (`check_base`).
+    noise_scheduler: Literal["ddim", "flow_match_euler"] | None = None
     iterations: int = Field(default=3000, ge=1)
     lr: float = Field(default=1e-4, gt=0)
     optimizer_type: Literal["AdamW", "AdamW8bit"] = "AdamW8bit"
@@ -121,6 +125,9 @@ class TrainConfig(_Section):
     # but the membrane is stale by up to denoise_batch - 1 steps (1: the reference's semantics).
     denoise_batch: int = Field(default=1, ge=1)
     device: str | None = None  # None: the accelerate process's device
+    # Keep the text encoders on the CPU: the run's prompts are fixed, so each is encoded there once and only
+    # the denoiser goes to `device` (Flux's T5-XXL is 9.5 GB in bf16).
+    offload_text_encoders: bool = False
 
     @field_validator("optimizer_type", mode="before")
     @classmethod
@@ -213,6 +220,55 @@ class TrainingConfig(_Section):
             )
         return self
 
+    def check_base(self, pipe: Any) -> None:
+        """Raise a `ValidationError` naming every setting that makes no sense for `pipe`'s denoiser family,
+        with its fix (docs/training.md, "What the config checks against the base model")."""
+        from ..families import denoiser_of, family_of
+
+        denoiser = denoiser_of(pipe)
+        family = family_of(denoiser)
+        flow = family.prediction_type(pipe) == "flow"
+        errors: list[tuple[tuple[str | int, ...], Any, str]] = []
+        if flow and self.pretrained_model.v_pred:
+            errors.append((("pretrained_model", "v_pred"), True,
+                           f"{family.label} predicts a flow-matching velocity; v_pred forces v-prediction on a "
+                           "diffusion UNet (SD 2.x). Remove pretrained_model.v_pred"))
+        own = "flow_match_euler" if flow else "ddim"
+        if self.train.noise_scheduler not in (None, own):
+            errors.append((("train", "noise_scheduler"), self.train.noise_scheduler,
+                           f"{family.label} denoises with {own!r} ({'flow matching' if flow else 'diffusion'}). "
+                           f"Remove train.noise_scheduler (the family's own is used) or set it to {own}"))
+        skip = self.pretrained_model.clip_skip
+        if skip and skip > 1 and "clip_skip" not in inspect.signature(pipe.encode_prompt).parameters:
+            errors.append((("pretrained_model", "clip_skip"), skip,
+                           f"{type(pipe).__name__}.encode_prompt takes no clip_skip. Remove pretrained_model.clip_skip"))
+        if self.train.denoise_guidance_rescale and family.guidance_embedded(denoiser):
+            errors.append((("train", "denoise_guidance_rescale"), self.train.denoise_guidance_rescale,
+                           f"{family.label} here is guidance-distilled: the partial denoising makes one prediction "
+                           "with the guidance embedding, no CFG pair to rescale. Remove train.denoise_guidance_rescale"))
+        scale, patch = getattr(pipe, "vae_scale_factor", 8), family.latent_multiple(denoiser)
+        multiple, variant = scale * patch, family.architecture(denoiser)
+        why = f"{multiple} px for {variant} (the VAE's {scale}x downscaling times {patch}x{patch} patches)"
+        for index, concept in enumerate(self.concepts):
+            if concept.dynamic_crops and not family.size_conditioned(denoiser):
+                errors.append((("concepts", index, "dynamic_crops"), True,
+                               f"dynamic_crops draws SDXL's size and crop time ids; {variant} takes none. "
+                               "Set dynamic_crops to false"))
+            if concept.resolution % multiple:
+                errors.append((("concepts", index, "resolution"), concept.resolution,
+                               f"resolution must be a multiple of {why}"))
+            elif concept.dynamic_resolution and bucket_step(concept.resolution) % multiple:
+                errors.append((("concepts", index, "dynamic_resolution"), True,
+                               f"dynamic_resolution draws sizes in steps of {bucket_step(concept.resolution)} px, "
+                               f"which must be a multiple of {why}. Use a resolution of at least 128 (steps of 64) "
+                               "or set dynamic_resolution to false"))
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("base_model", "{problem}", {"problem": message}), loc=loc,
+                                 input=value)
+                for loc, value, message in errors
+            ])
+
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "TrainingConfig":
         """Load a config (ours or the reference's), then apply `key.sub=value` overrides."""
@@ -288,3 +344,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             node[int(last)] = value
         else:
             node[last] = value
+
+
+def bucket_step(resolution: int) -> int:
+    """The step of the reference's dynamic resolution: 64 px (8 px when the resolution is too small for 64)."""
+    return 64 if resolution >= 128 else 8

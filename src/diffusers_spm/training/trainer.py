@@ -1,11 +1,14 @@
-"""The SPM training loop (docs/training.md), one trainer for SD 1.x, 2.x and XL.
+"""The SPM training loop (docs/training.md): one trainer for every denoiser family (SD 1.x, 2.x, XL,
+SD3, Flux); what differs between families is asked of `DenoiserFamily` (`families/`).
 
 One iteration, for a concept drawn at random:
-1. draw `k` in [1, T); denoise fresh noise for `k` DDIM steps with the membrane on (CFG on the
-   target), giving `x_t`; the loss timestep is the 1000-step schedule's entry `k * 1000 / T`;
-2. without the membrane: `eps(x_t, positive)`, `eps(x_t, neutral)` and, with Latent Anchoring,
-   `eps(x_t, anchor)` for each anchor;
-3. with the membrane: `eps'(x_t, target)` and `eps'(x_t, anchor)`; losses in `losses.py`.
+1. draw `k` in [1, T); denoise fresh noise for `k` steps of the family's schedule with the membrane
+   on (CFG on the target; Flux-dev: its guidance embedding), giving `x_t`; the loss timestep is
+   where those steps leave it (`schedules.py`);
+2. without the membrane: `pred(x_t, positive)`, `pred(x_t, neutral)` and, with Latent Anchoring,
+   `pred(x_t, anchor)` for each anchor;
+3. with the membrane: `pred'(x_t, target)` and `pred'(x_t, anchor)`; losses in `losses.py`, in
+   epsilon space for diffusion models and velocity space for flow-matching ones.
 
 With `batch_unet_calls` the calls of step 2 share one forward and those of step 3 another, with
 one backward, and conditional-only rows (the reference runs each guidance-1 call as a CFG pair and
@@ -23,23 +26,25 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from tqdm.auto import tqdm
 
+from ..controller import MembraneController, architecture_of
+from ..families import denoiser_of, family_of
 from ..layers import bank_of, layer_shape
 from ..membrane import LowRankPair, Membrane
-from ..controller import MembraneController, architecture_of
 from ..transport import TransportConfig
 from ..utils import flatten, torch_dtype
 from .anchors import sample_anchor_embeddings
 from .conditioning import TEMPLATES, Conditioning, PromptEncoder, sdxl_time_ids
-from .config import ConceptConfig, TrainingConfig
-from .losses import spm_losses, to_epsilon
+from .config import ConceptConfig, TrainingConfig, bucket_step
+from .losses import spm_losses
+from .schedules import schedule_for
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +54,10 @@ Callback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class Plan:
-    """Everything random about one iteration, drawn before any UNet call."""
+    """Everything random about one iteration, drawn before any denoiser call."""
 
     concept: int
-    steps: int  # k: DDIM steps of the partial denoising
+    steps: int  # k: steps of the partial denoising
     latents: torch.Tensor
     target: Conditioning
     time_ids: torch.Tensor | None
@@ -60,26 +65,32 @@ class Plan:
 
 
 class MembraneTrainer:
-    """Trains one membrane on `concepts` with the UNet of `pipe` (left as it was by `close`)."""
+    """Trains one membrane on `concepts` with the denoiser of `pipe` (left as it was by `close`)."""
 
     def __init__(self, config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[ConceptConfig],
                  device: torch.device) -> None:
+        config.check_base(pipe)
         self.config, self.pipe, self.concepts, self.device = config, pipe, concepts, device
         self.dtype = torch_dtype(config.train.precision)
-        self.unet = pipe.unet
-        self.is_xl = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        self.denoiser = denoiser_of(pipe)
+        self.family = family_of(self.denoiser)
+        self.size_conditioned = self.family.size_conditioned(self.denoiser)
+        self.guidance_embedded = self.family.guidance_embedded(self.denoiser)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.step_count = 0
         self._pending: list[tuple[Plan, torch.Tensor]] = []  # denoised ahead (`train.denoise_batch`)
 
-        for module in (self.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.to(device).requires_grad_(False).eval()
-                if module.dtype != self.dtype:
-                    module.to(self.dtype)
-        self._checkpointing = config.train.gradient_checkpointing and not self.unet.is_gradient_checkpointing
+        offload = config.train.offload_text_encoders
+        self.text_encoders = [module for name, module in pipe.components.items()
+                              if name.startswith("text_encoder") and module is not None]
+        for module in [self.denoiser, *self.text_encoders]:
+            placed = module.to("cpu" if offload and module is not self.denoiser else device)
+            placed.requires_grad_(False).eval()
+            if module.dtype != self.dtype:
+                module.to(self.dtype)
+        self._checkpointing = config.train.gradient_checkpointing and not self.denoiser.is_gradient_checkpointing
         if self._checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
 
         self.controller = self._attach_membrane()
         self.params = [p for _, bank in self.controller.banks() for p in (bank.down, bank.up)]
@@ -92,34 +103,32 @@ class MembraneTrainer:
             power=config.train.lr_scheduler_power,
         )
 
-        self.prediction_type = "v_prediction" if config.pretrained_model.v_pred else pipe.scheduler.config.get(
-            "prediction_type", "epsilon")
-        self.scheduler = self._ddim()
-        self.scheduler.set_timesteps(config.train.max_denoising_steps, device=device)
-        loss_schedule = self._ddim()
-        loss_schedule.set_timesteps(loss_schedule.config.num_train_timesteps)
-        self.loss_timesteps = loss_schedule.timesteps
+        self.prediction_type = "v_prediction" if config.pretrained_model.v_pred else self.family.prediction_type(pipe)
+        self.schedule = schedule_for(pipe, self.family, self.denoiser, self.prediction_type,
+                                     config.train.max_denoising_steps, device)
+        self.scheduler = self.schedule.scheduler
         rescale = config.train.denoise_guidance_rescale
-        self.guidance_rescale = (0.7 if self.is_xl else 0.0) if rescale is None else rescale
+        self.guidance_rescale = (0.7 if self.size_conditioned else 0.0) if rescale is None else rescale
 
-        self.encode = PromptEncoder(pipe, device, config.pretrained_model.clip_skip)
-        self.vae_scale = getattr(pipe, "vae_scale_factor", 8)
+        self.encode = PromptEncoder(pipe, self.family, device, config.pretrained_model.clip_skip,
+                                    torch.device("cpu") if offload else device)
+        for prompt in self._prompts():
+            self.encode(prompt)
 
     # ------------------------------------------------------------------ setup
-    def _ddim(self) -> DDIMScheduler:
-        """The reference's DDIM (default spacing and offsets) with the base model's betas."""
-        base = self.pipe.scheduler.config
-        return DDIMScheduler(
-            num_train_timesteps=base.get("num_train_timesteps", 1000), beta_start=base.get("beta_start", 0.00085),
-            beta_end=base.get("beta_end", 0.012), beta_schedule=base.get("beta_schedule", "scaled_linear"),
-            clip_sample=False, prediction_type=self.prediction_type,
-        )
+    def _prompts(self) -> list[str]:
+        """Every prompt the run can encode: they are fixed, so all are encoded once, at the start."""
+        prompts: dict[str, None] = {}
+        for concept in self.concepts:
+            targets = [t.format(concept.target) for t in TEMPLATES] if concept.use_template else [concept.target]
+            prompts.update(dict.fromkeys([*targets, concept.positive, concept.neutral, concept.unconditional]))
+        return list(prompts)
 
     def _attach_membrane(self) -> MembraneController:
-        controller = MembraneController.of(self.unet, create=True)
+        controller = MembraneController.of(self.denoiser, create=True)
         if controller.adapters:
             raise ValueError(
-                f"The UNet already carries membranes {controller.names}; unload them (`pipe.unload_spm()`) "
+                f"The denoiser already carries membranes {controller.names}; unload them (`pipe.unload_spm()`) "
                 "before training, or they would act during training."
             )
         controller.set_transport(TransportConfig(enabled=False))
@@ -137,7 +146,7 @@ class MembraneTrainer:
             modules=modules, concepts=[c.target for c in self.concepts],
             surrogate=neutrals.pop() if len(neutrals) == 1 and "" not in neutrals else None,
             base_model=model_name(self.pipe.name_or_path or self.config.pretrained_model.name_or_path),
-            architecture=architecture_of(self.unet),
+            architecture=architecture_of(self.denoiser), family=self.family.name,
             training_config=self.config.model_copy(update={"concepts": self.concepts}).model_dump(mode="json"),
         )
         try:
@@ -160,8 +169,22 @@ class MembraneTrainer:
 
     # ------------------------------------------------------------------ membrane switch
     def membrane_enabled(self, on: bool) -> contextlib.AbstractContextManager[None]:
-        """The membrane switched on (or off) for a block: the UNet calls with and without it."""
+        """The membrane switched on (or off) for a block: the denoiser calls with and without it."""
         return self.controller.switched(on)
+
+    @contextlib.contextmanager
+    def text_encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the training device for a block (sampling images), offloaded or not."""
+        if not self.config.train.offload_text_encoders:
+            yield
+            return
+        for module in self.text_encoders:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in self.text_encoders:
+                module.to("cpu")
 
     # ------------------------------------------------------------------ one iteration
     def plan(self) -> Plan:
@@ -173,10 +196,10 @@ class MembraneTrainer:
         height = width = concept.resolution
         if concept.dynamic_resolution:
             height, width = _bucket(concept.resolution, gen), _bucket(concept.resolution, gen)
-        channels = self.unet.config.in_channels
-        noise = torch.randn(concept.batch_size, channels, height // self.vae_scale, width // self.vae_scale, generator=gen)
-        latents = (noise * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
-        time_ids = sdxl_time_ids(height, width, concept.dynamic_crops, gen) if self.is_xl else None
+        shape = self.family.latent_shape(self.pipe, height, width)
+        noise = torch.randn(concept.batch_size, *shape, generator=gen)
+        latents = (noise * self.schedule.init_noise_sigma).to(self.device, self.dtype)
+        time_ids = sdxl_time_ids(height, width, concept.dynamic_crops, gen) if self.size_conditioned else None
         prompt = concept.target
         if concept.use_template:
             prompt = TEMPLATES[int(torch.randint(0, len(TEMPLATES), (), generator=gen))].format(concept.target)
@@ -200,14 +223,16 @@ class MembraneTrainer:
         interleaved = Conditioning.cat([row for i in range(count) for row in (unconditional, anchors[i])])
         return interleaved[count:]
 
-    def _unet(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, time_ids: torch.Tensor | None
-              ) -> torch.Tensor:
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+                time_ids: torch.Tensor | None, guidance: float = 1.0) -> torch.Tensor:
+        """One denoiser forward on rows `cond` (through the family); `guidance` reaches guidance-distilled
+        denoisers only. Predictions at the loss timestep use 1, the reference's guidance-1 calls."""
         cond = cond.with_time_ids(time_ids)
-        return self.unet(self.scheduler.scale_model_input(latents, timestep), timestep, **cond.unet_kwargs()).sample
+        return self.family.predict(self.denoiser, latents, timestep, cond.text, cond.pooled, cond.time_ids, guidance)
 
     @torch.no_grad()
     def denoise(self, plans: Sequence[Plan]) -> list[torch.Tensor]:
-        """Each plan's `k` DDIM steps with the membrane on and CFG on its target, giving its `x_t`.
+        """Each plan's `k` steps with the membrane on and CFG on its target, giving its `x_t`.
 
         The membrane is merged into the weights for the loop (it does not change within it). Plans
         whose latents share a size run as one batch, each leaving it after its own `k` steps.
@@ -234,43 +259,46 @@ class MembraneTrainer:
         uncond, text = Conditioning.cat(uncond), Conditioning.cat(text)
         latents = torch.cat([plan.latents for plan in plans])
         scale = self.config.train.denoise_guidance_scale
-        for index, timestep in enumerate(self.scheduler.timesteps[: int(steps.max())]):
+        timesteps = self.schedule.timesteps(latents.shape[1:])
+        for index, timestep in enumerate(timesteps[: int(steps.max())]):
             active = (steps > index).nonzero().squeeze(1)
             current = latents[active]
-            cond = Conditioning.cat([uncond[active], text[active]])
-            noise_uncond, noise_text = self._unet(torch.cat([current, current]), timestep, cond, None).chunk(2)
-            guided = noise_uncond + scale * (noise_text - noise_uncond)
-            if self.guidance_rescale > 0:
-                guided = rescale_noise_cfg(guided, noise_text, guidance_rescale=self.guidance_rescale)
+            if self.guidance_embedded:  # Flux-dev: the guidance scale is an input, no CFG pair
+                guided = self.predict(current, timestep, text[active], None, guidance=scale)
+            else:
+                cond = Conditioning.cat([uncond[active], text[active]])
+                pred_uncond, pred_text = self.predict(torch.cat([current, current]), timestep, cond, None).chunk(2)
+                guided = pred_uncond + scale * (pred_text - pred_uncond)
+                if self.guidance_rescale > 0:
+                    guided = rescale_noise_cfg(guided, pred_text, guidance_rescale=self.guidance_rescale)
             latents[active] = self.scheduler.step(guided, timestep, current).prev_sample
         return list(latents.split(rows))
 
     def forward_backward(self, plan: Plan, latents: torch.Tensor, backward: bool = True) -> dict[str, torch.Tensor]:
-        """Steps 2-3: the UNet calls at the loss timestep, the losses and (unless `backward=False`) their
+        """Steps 2-3: the denoiser calls at the loss timestep, the losses and (unless `backward=False`) their
         backward pass, which leaves the gradients in the membrane's parameters."""
         concept = self.concepts[plan.concept]
-        timestep = self.loss_timesteps[int(plan.steps * len(self.loss_timesteps) / self.config.train.max_denoising_steps)]
-        alpha_prod = self.scheduler.alphas_cumprod[int(timestep)]
+        timestep = self.schedule.loss_timestep(plan.steps, latents.shape[1:]).to(self.device)
         batch = concept.batch_size
         positive = self.encode(concept.positive).repeat(batch)
         neutral = self.encode(concept.neutral).repeat(batch)
         target = plan.target.repeat(batch)
         anchored = plan.anchors is not None
         anchor_latents = latents.repeat(concept.sampling_batch_size // batch, 1, 1, 1)
-        timestep = timestep.to(self.device)
 
-        def eps(rows_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-            return to_epsilon(self._unet(rows_latents, timestep, cond, plan.time_ids), rows_latents, alpha_prod,
-                              self.prediction_type)
+        def pred(rows_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+            """The prediction in the loss space: epsilon (diffusion) or velocity (flow matching)."""
+            output = self.predict(rows_latents, timestep, cond, plan.time_ids)
+            return self.schedule.to_loss_space(output, rows_latents, timestep)
 
         if self.config.train.batch_unet_calls:
             off_rows = [positive, neutral] + ([plan.anchors] if anchored else [])
             off_latents = [latents, latents] + ([anchor_latents] if anchored else [])
             with torch.no_grad(), self.membrane_enabled(False):
-                off = eps(torch.cat(off_latents), Conditioning.cat(off_rows)).split([len(r) for r in off_rows])
+                off = pred(torch.cat(off_latents), Conditioning.cat(off_rows)).split([len(r) for r in off_rows])
             on_rows = [target] + ([plan.anchors] if anchored else [])
             with self.membrane_enabled(True):
-                on = eps(torch.cat([latents] + ([anchor_latents] if anchored else [])), Conditioning.cat(on_rows))
+                on = pred(torch.cat([latents] + ([anchor_latents] if anchored else [])), Conditioning.cat(on_rows))
             on = on.split([len(r) for r in on_rows])
             outputs = (on[0], off[0], off[1], on[1] if anchored else None, off[2] if anchored else None)
         else:
@@ -279,20 +307,20 @@ class MembraneTrainer:
             def reference_call(rows_latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
                 """The reference's `predict_noise(..., guidance_scale=1)`: a CFG pair, guided at 1."""
                 pair = Conditioning.cat([uncond.repeat(len(cond)), cond])
-                eps_uncond, eps_text = eps(torch.cat([rows_latents, rows_latents]), pair).chunk(2)
-                return eps_uncond + 1.0 * (eps_text - eps_uncond)
+                pred_uncond, pred_text = pred(torch.cat([rows_latents, rows_latents]), pair).chunk(2)
+                return pred_uncond + 1.0 * (pred_text - pred_uncond)
 
             with torch.no_grad(), self.membrane_enabled(False):
-                eps_positive = reference_call(latents, positive)
-                eps_neutral = reference_call(latents, neutral)
+                pred_positive = reference_call(latents, positive)
+                pred_neutral = reference_call(latents, neutral)
             with self.membrane_enabled(True):
-                eps_target = reference_call(latents, target)
+                pred_target = reference_call(latents, target)
                 anchor_with = reference_call(anchor_latents, plan.anchors) if anchored else None
             anchor_without = None
             if anchored:
                 with torch.no_grad(), self.membrane_enabled(False):
                     anchor_without = reference_call(anchor_latents, plan.anchors)
-            outputs = (eps_target, eps_positive, eps_neutral, anchor_with, anchor_without)
+            outputs = (pred_target, pred_positive, pred_neutral, anchor_with, anchor_without)
 
         eta = concept.guidance_scale if self.config.train.eta is None else self.config.train.eta
         losses = spm_losses(*outputs[:3], eta=eta, anchor_with=outputs[3], anchor_without=outputs[4],
@@ -330,6 +358,12 @@ class MembraneTrainer:
     def membrane_weights(self) -> Membrane:
         return self.controller.membrane(ADAPTER)
 
+    def save(self, path: Path, dtype: torch.dtype) -> Membrane:
+        """Write the membrane in its family's file layout (UNets: the reference's; transformers: diffusers')."""
+        membrane = self.membrane_weights()
+        self.family.save(membrane, path, self.denoiser, dtype=dtype)
+        return membrane
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step_count,
@@ -360,14 +394,14 @@ class MembraneTrainer:
         self.controller.weights_changed()
 
     def close(self) -> None:
-        """Take the membrane out of the UNet and undo what training set up."""
+        """Take the membrane out of the denoiser and undo what training set up."""
         for param in self.params:
             param.requires_grad_(False)
         self.controller.remove(ADAPTER)
         if not self.controller.adapters:
             self.controller.detach()
         if self._checkpointing:
-            self.unet.disable_gradient_checkpointing()
+            self.denoiser.disable_gradient_checkpointing()
 
 
 def model_name(name_or_path: str) -> str:
@@ -380,7 +414,7 @@ def model_name(name_or_path: str) -> str:
 def _bucket(resolution: int, generator: torch.Generator) -> int:
     """The reference's dynamic resolution: a multiple of 64 in [resolution/2, resolution) (of 8 when
     the resolution is too small for 64)."""
-    step = 64 if resolution >= 128 else 8
+    step = bucket_step(resolution)
     low, high = (resolution // 2) // step, resolution // step
     return int(torch.randint(low, max(high, low + 1), (), generator=generator)) * step
 
@@ -402,7 +436,7 @@ def checkpoint_path(config: TrainingConfig, run_name: str) -> Path:
 
 
 def load_pipeline(config: TrainingConfig) -> DiffusionPipeline:
-    """The base model as a diffusers pipeline (SD 1.x/2.x or XL, from a folder or the Hub)."""
+    """The base model as a diffusers pipeline (any family's, from a folder or the Hub)."""
     from ..bases import from_pretrained
 
     return from_pretrained(config.pretrained_model.name_or_path, torch_dtype=torch_dtype(config.train.precision))
@@ -453,7 +487,7 @@ def _samples(trainer: MembraneTrainer, config: TrainingConfig, run_name: str, st
     out = Path(config.save.path) / "samples" / run_name
     out.mkdir(parents=True, exist_ok=True)
     images = {}
-    with trainer.membrane_enabled(True):
+    with trainer.membrane_enabled(True), trainer.text_encoders_on_device():
         for index, prompt in enumerate(log.prompts):
             generator = torch.Generator(trainer.device).manual_seed(log.seed) if log.seed is not None else None
             result = trainer.pipe(prompt, negative_prompt=log.negative_prompt or None, width=log.width,
@@ -495,14 +529,12 @@ def train_one(config: TrainingConfig, pipe: DiffusionPipeline, concepts: list[Co
             if callback is not None:
                 callback(step, values)
             if step % config.save.per_steps == 0 and step < iterations:
-                trainer.membrane_weights().save(save_dir / f"{run_name}_{step}steps.safetensors", dtype=save_dtype)
+                trainer.save(save_dir / f"{run_name}_{step}steps.safetensors", save_dtype)
                 _atomic_torch_save(trainer.state_dict(), ckpt)
             if config.logging.interval and config.logging.prompts and (step % config.logging.interval == 0
                                                                        or step == iterations):
                 _samples(trainer, config, run_name, step, tracker)
-        membrane = trainer.membrane_weights()
-        membrane.save(save_dir / f"{run_name}_last.safetensors", dtype=save_dtype)
-        return membrane
+        return trainer.save(save_dir / f"{run_name}_last.safetensors", save_dtype)
 
 
 def train_membrane(config: TrainingConfig, pipeline: DiffusionPipeline | None = None, resume: bool = False,

@@ -39,6 +39,7 @@ from diffusers_spm.concept_world import (
     load_judge,
     world_model,
 )
+from diffusers_spm.membrane import Membrane
 from diffusers_spm.concept_world.experiments import (
     Condition,
     WorldTraining,
@@ -58,9 +59,9 @@ PLAIN_LORA = "plain LoRA (erase only, load_lora_weights)"
 CHECKPOINTS = (50, 100, 200)
 FLOORS = (0.1, 0.3)
 COUNTS = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
-# la_strength values trained beside each family's default (FAMILY_TRAINING in experiments.py); flow
-# matching's right order of magnitude is not known in advance, so its sweep spans more of them.
-LA_SWEEP = {"unet": (0.0, 10.0, 100.0), "sd3": (0.0, 0.1, 10.0, 100.0, 1000.0)}
+# la_strength values trained beside each family's default (FAMILY_TRAINING in experiments.py), in the
+# order they are trained; the DiT world's erase-only membranes stand for la_strength 0.
+LA_SWEEP = {"unet": (0.0, 10.0, 100.0), "sd3": (10.0, 100.0)}
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def make_plan(family: str) -> Plan:
     jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
             + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
             + [(name, "red", s) for name in sweep.values() for s in SEEDS])
-    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED), "la_sweep_red")
+    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED), "la_sweep_red", "layers_red")
     return Plan(family, variants, tuple(jobs), tables, la_sweep, ABLATED, "grid_red_circle.png", evaluation)
 
 
@@ -147,6 +148,26 @@ def seed_rows(output: Path, concept: str, label: str, variant: str = "shipped", 
 def spm_rows(output: Path, concept: str, variant: str = "shipped", label: str = "SPM") -> list[Condition]:
     return [row for metric in METRICS for row in seed_rows(output, concept, f"{label}, transport {metric}", variant,
                                                            metric=metric)]
+
+
+# Layer groups of an SD3 membrane (runtime names), for the evidence behind the DiT layer choice
+# (docs/models.md): the shipped membranes with only one group of their layers kept.
+LAYER_GROUPS = {
+    "attention only": re.compile(r"_attn2?_"),
+    "image stream only": re.compile(r"_attn2?_to_(q|k|v|out)|_ff_net_"),
+    "text stream only": re.compile(r"_attn_(add_[qkv]_proj|to_add_out)|_ff_context_"),
+}
+
+
+def layer_subset(output: Path, group: str, concept: str, seed: int) -> Path:
+    """The shipped membrane of `concept` and `seed` with only the layers of `group` (written once)."""
+    path = output / "membranes" / f"layers-{group.replace(' ', '-')}" / f"{concept}_s{seed}.safetensors"
+    if not path.exists():
+        whole = Membrane.from_file(membrane(output, "shipped", concept, seed))
+        kept = {name: pair for name, pair in whole.modules.items() if LAYER_GROUPS[group].search(name)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace(whole, modules=kept).save(path)
+    return path
 
 
 def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
@@ -192,6 +213,9 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
     for concept in ("striped", "red"):
         jobs[f"templates_{concept}"] = lambda p, j, w, c=concept: compare(
             p, j, w, [c], spm_rows(output, c, "templates", "SPM, templates"), evaluation).as_dict()
+    jobs["layers_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
+        Condition(f"{group}, transport tokensim | seed {s}", [layer_subset(output, group, "red", s)], metric="tokensim")
+        for group in LAYER_GROUPS for s in SEEDS], evaluation).as_dict()
     jobs["la_sweep_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
         row for name in plan.la_sweep
         for row in seed_rows(output, "red", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
@@ -301,7 +325,6 @@ def ship(plan: Plan, output: Path) -> None:
     """Copy each concept's seed-0 membrane (never chosen by its score) into the package's shipped set
     of the plan's world, in its family's file layout, its metadata naming the model by the world's
     name (`concept-world`, ...)."""
-    from diffusers_spm import Membrane
     from diffusers_spm.families import denoiser_of, family_of
 
     world = world_model(plan.family)

@@ -97,7 +97,7 @@ def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 
 def load_vae() -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(cw_model.WEIGHTS_DIR / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(cw_model.WEIGHTS_DIR / "vae", dtype=torch.float32)
     vae.register_to_config(shift_factor=0.0)  # SD3's pipeline decodes latents / scaling + shift
     return vae
 
@@ -156,25 +156,37 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def train(args: argparse.Namespace, world: ConceptWorld) -> None:
+    """Train from scratch or, with `--resume-steps`, continue the saved model (fresh warm-up, cosine and
+    EMA, seeds of its own); either run resumes exactly from its checkpoint when rerun."""
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    torch.manual_seed(args.seed)
     tokenizer, vae = make_tokenizer(), load_vae()
-    transformer = make_transformer(args.layers, args.heads)
-    encoders = make_text_encoders()
+    if args.resume_steps:
+        stats = json.loads((out / STATS).read_text())
+        steps, seed = args.resume_steps, args.seed + 10 * (1 + len(stats.get("resumes", [])))
+        transformer = SD3Transformer2DModel.from_pretrained(out / "transformer", dtype=torch.float32)
+        encoders = tuple(CLIPTextModelWithProjection.from_pretrained(out / name, dtype=torch.float32)
+                         for name in ("text_encoder", "text_encoder_2"))
+    else:
+        steps, seed = args.steps, args.seed
+        torch.manual_seed(seed)
+        transformer = make_transformer(args.layers, args.heads)
+        encoders = make_text_encoders()
     check_encoding(assemble(transformer, encoders, vae, tokenizer))
     params = [p for m in (transformer, *encoders) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    warmup = min(300, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args.steps, warmup))
+    warmup = min(300, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, warmup))
     ema = Ema(params, args.ema_decay)
-    rng = np.random.default_rng(args.seed + 2)
-    noise_rng = torch.Generator().manual_seed(args.seed + 3)
+    rng = np.random.default_rng(seed + 2)
+    noise_rng = torch.Generator().manual_seed(seed + 3)
     start, elapsed = 0, 0.0
     checkpoint = out / CHECKPOINT
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
+    if state is not None and state.get("seed", args.seed) != seed:
+        raise RuntimeError(f"{checkpoint} belongs to another run (seed {state['seed']}, this one {seed}); remove it")
+    if state is not None:
         for module, key in ((transformer, "transformer"), (encoders[0], "text_encoder"), (encoders[1], "text_encoder_2")):
             module.load_state_dict(state[key])
         opt.load_state_dict(state["optimizer"])
@@ -202,7 +214,7 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
         module.train()
     t_loop = time.time()
     running = 0.0
-    bar = tqdm(range(start, args.steps), desc="transformer+text", mininterval=30, initial=start, total=args.steps)
+    bar = tqdm(range(start, steps), desc="transformer+text", mininterval=30, initial=start, total=steps)
     for step in bar:
         idx = rng.integers(len(latents), size=args.batch_size)
         texts = [
@@ -214,7 +226,7 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
         sigma = sample_sigmas(noise_rng, args.batch_size)
         xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         ids = tokens(texts)
-        t5_rows = PIPELINE_T5_ROWS if step >= args.steps - args.full_rows_steps else MAX_TOKENS
+        t5_rows = PIPELINE_T5_ROWS if step >= steps - args.full_rows_steps else MAX_TOKENS
         embeds, pooled = encode_text(encoders, (ids, ids), t5_rows)
         pred = transformer(xt, embeds, pooled, sigma * 1000).sample
         loss = (pred - (noise - x0)).pow(2).mean()
@@ -227,9 +239,9 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
         running = loss.item() if step == start else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
-        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps:
             save_checkpoint(checkpoint, dict(
-                step=step + 1, elapsed_s=elapsed + time.time() - t_loop, transformer=transformer.state_dict(),
+                step=step + 1, seed=seed, elapsed_s=elapsed + time.time() - t_loop, transformer=transformer.state_dict(),
                 text_encoder=encoders[0].state_dict(), text_encoder_2=encoders[1].state_dict(), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(), ema_shadow=ema.shadow, ema_steps=ema.steps,
                 numpy_rng=rng.bit_generator.state, noise_rng=noise_rng.get_state(),
@@ -247,13 +259,19 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
         (out / name / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": MAX_TOKENS}, indent=2))
     make_scheduler().save_pretrained(out / "scheduler")
     assemble(transformer, encoders, vae, tokenizer).save_config(out)
-    stats = {
-        "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
-                       (("transformer", transformer), ("text_encoder", encoders[0]), ("text_encoder_2", encoders[1]))},
-        "final_loss": running,
-        "timings_s": {"diffusion": round(elapsed, 1), "setup": round(time.time() - t_start - (time.time() - t_loop), 1)},
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.resume_steps:
+        stats["resumes"] = [*stats.get("resumes", []), {k: recorded[k] for k in ("resume_steps", "lr", "ema_decay", "full_rows_steps")}]
+        stats["timings_s"]["resumed_diffusion"] = round(stats["timings_s"].get("resumed_diffusion", 0) + elapsed, 1)
+        stats["final_loss"] = running
+    else:
+        stats = {
+            "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in
+                           (("transformer", transformer), ("text_encoder", encoders[0]), ("text_encoder_2", encoders[1]))},
+            "final_loss": running,
+            "timings_s": {"diffusion": round(elapsed, 1), "setup": round(t_loop - t_start, 1)},
+            "args": recorded,
+        }
     (out / STATS).write_text(json.dumps(stats, indent=2))
     checkpoint.unlink(missing_ok=True)
 
@@ -263,7 +281,7 @@ def evaluate(args: argparse.Namespace, world: ConceptWorld) -> None:
     stats = json.loads((out / STATS).read_text())
     t0 = time.time()
     judge = Judge.load(cw_model.JUDGE_DIR)
-    pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32,
+    pipe = StableDiffusion3Pipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32,
                                                     local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     prompts = heldout_prompts(world, per_combo=2, seed=args.seed + 200)
@@ -287,7 +305,7 @@ def reproducing_command(recorded: dict) -> str:
     defaults = vars(parse_args(["--quick"] if quick else []))
     flags = ["--quick"] if quick else []
     flags += [f"--{key.replace('_', '-')} {value}" for key, value in recorded.items()
-              if key not in ("quick", "eval_only", "card_only") and key in defaults and str(value) != str(defaults[key])]
+              if key not in ("quick", "eval_only", "card_only", "resume_steps") and key in defaults and str(value) != str(defaults[key])]
     return " ".join(["HF_HUB_OFFLINE=1 python scripts/train_dit_concept_world.py", *flags])
 
 
@@ -318,6 +336,10 @@ def write_model_card(out: Path, world: ConceptWorld) -> Path:
     written = written.relative_to(root) if written.is_relative_to(root) else written  # no machine's path in the card
     examples = "; ".join(f"`{c.text}`" for c in heldout_prompts(world, per_combo=2, seed=a["seed"] + 200)[:6])
     met = "met" if g["joint"] >= 0.9 else "**not met**"
+    resumed = "".join(
+        f"\n   Then `HF_HUB_OFFLINE=1 python scripts/train_dit_concept_world.py --resume-steps {r['resume_steps']} --lr {r['lr']:g} "
+        f"--ema-decay {r['ema_decay']:g} --full-rows-steps {r['full_rows_steps']}` continued it (fresh warm-up, cosine and EMA)."
+        for r in stats.get("resumes", []))
     quick = "\n**A `--quick` smoke run: untrained, for development only.**\n" if a.get("quick") else ""
     text = f"""# Concept world, DiT: a tiny flow-matching transformer that knows its concepts
 {quick}
@@ -342,8 +364,9 @@ its checkpoint exactly), written to `{written}`{copied}:
    (warm-up, cosine to 10 %), EMA {a["ema_decay"]:g}, gradient clipping 1.0: the flow-matching loss with
    `x_s = (1 - s) x0 + s e` and target `e - x0`, `s` half logit-normal and half uniform;
    {a["uncond_prob"]:.0%} empty captions (classifier-free guidance), each attribute left out of a caption with probability
-   {a["drop_prob"]:g}. The first text encoder starts from the UNet world's, the second from scratch.
+   {a["drop_prob"]:g}. The first text encoder starts from the UNet world's, the second from scratch.{resumed}
 Wall time on a 2-core CPU shared with other jobs: setup {t["setup"] / 60:.1f} min, training {t["diffusion"] / 60:.1f} min,
+continued training {t.get("resumed_diffusion", 0) / 60:.1f} min,
 evaluation {t.get("eval", 0) / 60:.1f} min. Final training loss (running mean) {stats["final_loss"]:.4f}.
 
 ## Sizes
@@ -398,6 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=5.0)
     parser.add_argument("--eval-steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume-steps", type=int, default=0,
+                        help="continue the saved model for this many steps (fresh warm-up, cosine and EMA)")
     args = parser.parse_args(argv)
     if args.quick:
         args.pool, args.steps, args.checkpoint_every, args.full_rows_steps = 512, 30, 10, 5

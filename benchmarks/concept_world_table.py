@@ -27,10 +27,12 @@ import torch
 
 from diffusers_spm.concept_world import ALL_CONCEPTS, ConceptWorld, WorldEvaluation, load_concept_world_pipeline, load_judge
 from diffusers_spm.concept_world.experiments import (
+    GENERIC_NOUN_TEMPLATES,
     Condition,
     WorldTraining,
     before_after_grid,
     compare,
+    context_templates,
     implicit_frequency,
     train_world_membrane,
 )
@@ -61,7 +63,11 @@ VARIANTS = {v.name: v for v in (
     Variant("erase-only", BASE, action="erase"),
     Variant("stale5", replace(BASE, denoise_batch=5)),
     *(Variant(f"la{strength:g}", replace(BASE, la_strength=strength)) for strength in (0.0, 10.0, 100.0)),
+    # Texture levers: the concept trained in context, its surrogate the same context without it.
+    Variant("generic-noun", replace(BASE, templates=GENERIC_NOUN_TEMPLATES)),
+    Variant("texture-in-context", replace(BASE, templates=context_templates("texture"))),
 )}
+LEVERS = {"generic-noun": ("striped",), "texture-in-context": ("striped", "dotted")}
 # Training jobs in priority order: the six-at-once concepts, the anchoring before/after, the other
 # concepts, then the ablations (each on red first).
 TRAIN_JOBS = (
@@ -72,6 +78,7 @@ TRAIN_JOBS = (
     + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
     + [(v, "red", s) for v in ("erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
     + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
+    + [(v, c, s) for v, concepts in LEVERS.items() for c in concepts for s in SEEDS]
 )
 
 
@@ -83,16 +90,16 @@ def membrane(output: Path, variant: str, concept: str, seed: int, step: int | No
     return folder / f"{concept}_s{seed}" / "runs" / f"{concept}_{step}steps.safetensors"
 
 
-def train(output: Path, shard: tuple[int, int]) -> None:
+def train(output: Path, shard: tuple[int, int], pattern: str = "") -> None:
     pipe = load_concept_world_pipeline()
     for index, (name, concept, seed) in enumerate(TRAIN_JOBS):
         path = membrane(output, name, concept, seed)
-        if index % shard[1] != shard[0] or path.exists():
+        if index % shard[1] != shard[0] or path.exists() or not re.search(pattern, f"{name}/{concept}_s{seed}"):
             continue
         variant = VARIANTS[name]
         start = time.perf_counter()
         trained = train_world_membrane(pipe, concept, path.with_suffix(""), variant.action,
-                                       replace(variant.settings, seed=seed))
+                                       replace(variant.settings, seed=seed), resume=True)  # an interrupted run goes on
         trained.rename(path)
         logging.info("trained %s in %.0f s", path, time.perf_counter() - start)
 
@@ -152,6 +159,11 @@ def evaluation_jobs(output: Path) -> dict[str, Callable[..., dict]]:
         row for name in ("la0", "shipped", "la10", "la100")
         for row in seed_rows(output, "red", f"la_strength {VARIANTS[name].settings.la_strength:g}, transport tokensim",
                              name, metric="tokensim")], EVALUATION).as_dict()
+    for name, concepts in LEVERS.items():
+        for concept in concepts:
+            jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(
+                p, j, w, [c], seed_rows(output, c, f"SPM, {v}, transport tokensim", v, metric="tokensim"),
+                EVALUATION).as_dict()
     return jobs
 
 
@@ -251,13 +263,14 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/concept_world")
     parser.add_argument("--shard", default="0/1", help="k/n: this process takes every n-th job from the k-th")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--jobs", default="", help="evaluate: only the tables whose name matches this regex")
+    parser.add_argument("--jobs", default="", help="only the tables (evaluate) or the membranes "
+                        "(train: 'variant/concept_sSEED') whose name matches this regex")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     shard = tuple(int(x) for x in args.shard.split("/"))
     output = Path(args.output)
-    {"train": lambda: train(output, shard), "evaluate": lambda: evaluate(output, shard, args.jobs),
+    {"train": lambda: train(output, shard, args.jobs), "evaluate": lambda: evaluate(output, shard, args.jobs),
      "report": lambda: report(output), "ship": lambda: ship(output)}[args.stage]()
 
 

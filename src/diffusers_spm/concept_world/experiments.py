@@ -23,7 +23,7 @@ from ..evaluation.conditions import loras_applied
 from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
-from ..training.trainer import model_name
+from ..training.trainer import checkpoint_path, model_name
 from ..transport import TransportConfig
 from .judge import Judge
 from .metrics import (
@@ -37,11 +37,27 @@ from .metrics import (
     reference_images,
 )
 from .model import WEIGHTS_DIR
-from .world import ConceptWorld
+from .world import ALL_CONCEPTS, KINDS, NP_FORMS, OUTER_TEMPLATES, ConceptWorld
 
 logger = logging.getLogger(__name__)
 
 MEMBRANES_DIR = WEIGHTS_DIR / "membranes"
+
+
+# Prompts that put a concept in context, for `WorldTraining.templates` (docs/concept-world.md, "Texture
+# levers"). The world's caption templates around its generic noun: "a photo of a {} shape".
+GENERIC_NOUN_TEMPLATES: tuple[str, ...] = tuple(
+    t.format(np="{} shape") for t in OUTER_TEMPLATES if "{bg}" not in t)
+
+
+def context_templates(kind: str) -> tuple[str, ...]:
+    """The concept's slot among the names of the world's other two kinds, in one of its caption forms
+    ("{} red circle" for a texture, "striped {} circle" for a colour): every combination, first names only."""
+    others = [k for k in KINDS if k != kind]
+    names = {k: [c.synonyms[0] for c in ALL_CONCEPTS if c.kind == k] for k in others}
+    slots = {"shape": "s", "colour": "c", "texture": "t"}
+    return tuple(NP_FORMS[1].format(**{slots[kind]: "{}", slots[others[0]]: a, slots[others[1]]: b})
+                 for a in names[others[0]] for b in names[others[1]])
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class WorldTraining:
     max_denoising_steps: int = 30
     eta: float = 1.0
     use_template: bool = False
+    templates: tuple[str, ...] = ()  # the trainer's `templates`: target and surrogate in the same context
     anchor_unconditional: bool = True
     denoise_batch: int = 1
     seed: int = 0
@@ -74,6 +91,7 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
         "pretrained_model": {"name_or_path": base_model},
         "concepts": [{"target": concept, "action": action, "la_strength": settings.la_strength,
                       "resolution": 32, "guidance_scale": settings.eta, "use_template": settings.use_template,
+                      "templates": list(settings.templates),
                       "anchor_unconditional": settings.anchor_unconditional, "sampling_batch_size": 4,
                       "batch_size": 1}],
         "network": {"rank": 1, "alpha": 1.0},
@@ -85,11 +103,13 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
 
 
 def train_world_membrane(pipe: Any, concept: str, output: Path, action: str = "erase_with_la",
-                         settings: WorldTraining = WorldTraining()) -> Path:
+                         settings: WorldTraining = WorldTraining(), resume: bool = False) -> Path:
     """Train one membrane on `pipe` (the world's, or another trained on the world) and save it as
-    `<output>/<concept>_<action>.safetensors`; its metadata names the model it was trained on."""
+    `<output>/<concept>_<action>.safetensors`; its metadata names the model it was trained on. `resume`:
+    continue from the run's last checkpoint (`settings.save_every`), if one was written."""
     config = training_config(concept, action, settings, output / "runs", model_name(pipe.name_or_path or CONCEPT_WORLD))
-    membrane: Membrane = train_membrane(config, pipeline=pipe)
+    resume = resume and checkpoint_path(config, config.save.name).is_file()
+    membrane: Membrane = train_membrane(config, pipeline=pipe, resume=resume)
     return membrane.save(output / f"{concept}_{action}.safetensors")
 
 

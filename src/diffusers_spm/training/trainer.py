@@ -57,6 +57,8 @@ class Plan:
     target: Conditioning
     time_ids: torch.Tensor | None
     anchors: Conditioning | None
+    positive: Conditioning | None = None  # None: the concept's own (no `templates`)
+    neutral: Conditioning | None = None
 
 
 class MembraneTrainer:
@@ -177,14 +179,19 @@ class MembraneTrainer:
         noise = torch.randn(concept.batch_size, channels, height // self.vae_scale, width // self.vae_scale, generator=gen)
         latents = (noise * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
         time_ids = sdxl_time_ids(height, width, concept.dynamic_crops, gen) if self.is_xl else None
-        prompt = concept.target
+        prompt, positive, neutral = concept.target, None, None
         if concept.use_template:
             prompt = TEMPLATES[int(torch.randint(0, len(TEMPLATES), (), generator=gen))].format(concept.target)
+        elif concept.templates:
+            template = concept.templates[int(torch.randint(0, len(concept.templates), (), generator=gen))]
+            prompt, positive, neutral = (" ".join(template.format(text).split())
+                                         for text in (concept.target, concept.positive, concept.neutral))
+            positive, neutral = self.encode(positive), self.encode(neutral)
         target = self.encode(prompt)
         anchors = self._anchors(concept, target) if concept.action == "erase_with_la" else None
         if time_ids is not None:
             time_ids = time_ids.to(self.device, self.dtype)
-        return Plan(index, steps, latents, target, time_ids, anchors)
+        return Plan(index, steps, latents, target, time_ids, anchors, positive, neutral)
 
     def _anchors(self, concept: ConceptConfig, target: Conditioning) -> Conditioning:
         """The rows Latent Anchoring holds: `sampling_batch_size` random embeddings, or, with
@@ -252,8 +259,8 @@ class MembraneTrainer:
         timestep = self.loss_timesteps[int(plan.steps * len(self.loss_timesteps) / self.config.train.max_denoising_steps)]
         alpha_prod = self.scheduler.alphas_cumprod[int(timestep)]
         batch = concept.batch_size
-        positive = self.encode(concept.positive).repeat(batch)
-        neutral = self.encode(concept.neutral).repeat(batch)
+        positive = (self.encode(concept.positive) if plan.positive is None else plan.positive).repeat(batch)
+        neutral = (self.encode(concept.neutral) if plan.neutral is None else plan.neutral).repeat(batch)
         target = plan.target.repeat(batch)
         anchored = plan.anchors is not None
         anchor_latents = latents.repeat(concept.sampling_batch_size // batch, 1, 1, 1)

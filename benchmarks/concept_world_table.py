@@ -41,10 +41,12 @@ from diffusers_spm.concept_world import (
 )
 from diffusers_spm.membrane import Membrane
 from diffusers_spm.concept_world.experiments import (
+    GENERIC_NOUN_TEMPLATES,
     Condition,
     WorldTraining,
     before_after_grid,
     compare,
+    context_templates,
     implicit_frequency,
     train_world_membrane,
     world_training,
@@ -73,6 +75,9 @@ class Variant:
     action: str = "erase_with_la"
 
 
+LEVERS = {"generic-noun": ("striped",), "texture-in-context": ("striped", "dotted")}
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one world's run trains and measures: the one place where the UNet and DiT runs differ."""
@@ -97,6 +102,9 @@ def make_plan(family: str) -> Plan:
         Variant("erase-only", base, action="erase"),
         Variant("stale5", replace(base, denoise_batch=5)),
         *(Variant(name, replace(base, la_strength=strength)) for strength, name in sweep.items()),
+        # Texture levers: the concept trained in context, its surrogate the same context without it.
+        Variant("generic-noun", replace(base, templates=GENERIC_NOUN_TEMPLATES)),
+        Variant("texture-in-context", replace(base, templates=context_templates("texture"))),
     )}
     la_sweep = tuple(name for _, name in sorted({**sweep, base.la_strength: "shipped"}.items()))
     evaluation = world_model(family).evaluation(COUNTS)
@@ -109,7 +117,8 @@ def make_plan(family: str) -> Plan:
                 + [("templates", "striped", s) for s in SEEDS]
                 + [("shipped", c.name, s) for c in ALL_CONCEPTS if c.name not in SIX for s in SEEDS]
                 + [(v, "red", s) for v in ("erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
-                + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS])
+                + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
+                + [(v, c, s) for v, concepts in LEVERS.items() for c in concepts for s in SEEDS])
         return Plan(family, variants, tuple(jobs), None, la_sweep, SIX, "grid_six.png", evaluation)
     # The DiT world's acceptance set (issue 11): red and circle, their ablations, the sweep on red.
     jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
@@ -127,16 +136,16 @@ def membrane(output: Path, variant: str, concept: str, seed: int, step: int | No
     return folder / f"{concept}_s{seed}" / "runs" / f"{concept}_{step}steps.safetensors"
 
 
-def train(plan: Plan, output: Path, shard: tuple[int, int]) -> None:
+def train(plan: Plan, output: Path, shard: tuple[int, int], pattern: str = "") -> None:
     pipe = load_concept_world_pipeline(family=plan.family)
     for index, (name, concept, seed) in enumerate(plan.train_jobs):
         path = membrane(output, name, concept, seed)
-        if index % shard[1] != shard[0] or path.exists():
+        if index % shard[1] != shard[0] or path.exists() or not re.search(pattern, f"{name}/{concept}_s{seed}"):
             continue
         variant = plan.variants[name]
         start = time.perf_counter()
         trained = train_world_membrane(pipe, concept, path.with_suffix(""), variant.action,
-                                       replace(variant.settings, seed=seed))
+                                       replace(variant.settings, seed=seed), resume=True)  # an interrupted run goes on
         trained.rename(path)
         logging.info("trained %s in %.0f s", path, time.perf_counter() - start)
 
@@ -220,6 +229,11 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         row for name in plan.la_sweep
         for row in seed_rows(output, "red", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
                              name, metric="tokensim")], evaluation).as_dict()
+    for name, concepts in LEVERS.items():
+        for concept in concepts:
+            jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(
+                p, j, w, [c], seed_rows(output, c, f"SPM, {v}, transport tokensim", v, metric="tokensim"),
+                evaluation).as_dict()
     return jobs if plan.tables is None else {name: jobs[name] for name in plan.tables}
 
 
@@ -350,14 +364,15 @@ def main() -> None:
     parser.add_argument("--output", help="default: outputs/<the world's folder name>, one per family")
     parser.add_argument("--shard", default="0/1", help="k/n: this process takes every n-th job from the k-th")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--jobs", default="", help="evaluate: only the tables whose name matches this regex")
+    parser.add_argument("--jobs", default="", help="only the tables (evaluate) or the membranes "
+                        "(train: 'variant/concept_sSEED') whose name matches this regex")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     shard = tuple(int(x) for x in args.shard.split("/"))
     plan = make_plan(args.family)
     output = Path(args.output or Path("outputs") / world_model(args.family).directory.name)
-    {"train": lambda: train(plan, output, shard), "evaluate": lambda: evaluate(plan, output, shard, args.jobs),
+    {"train": lambda: train(plan, output, shard, args.jobs), "evaluate": lambda: evaluate(plan, output, shard, args.jobs),
      "report": lambda: report(plan, output), "ship": lambda: ship(plan, output)}[args.stage]()
 
 

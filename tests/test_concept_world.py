@@ -5,6 +5,7 @@ Most tests use a reduced world (3 shapes x 3 colours x 2 textures) so that they 
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,8 @@ from diffusers_spm.concept_world import (
     train_judge,
     weights_available,
 )
+from diffusers_spm import Membrane
+from diffusers_spm.concept_world.experiments import WorldTraining, context_templates, train_world_membrane
 from diffusers_spm.concept_world.world import BACKGROUND_RGB, COLOUR_RGB
 
 SMALL = ConceptWorld(shapes=("circle", "triangle", "cross"), colours=("red", "green", "blue"), textures=("solid", "striped"))
@@ -249,3 +252,22 @@ def test_shipped_model_draws_the_concept_named():
     # chance is 1/6, 1/6, 1/3 and joint 1/108. The floors allow two more misses than measured.
     assert acc["shape"] >= 0.9 and acc["colour"] >= 0.95 and acc["texture"] >= 0.9
     assert acc["joint"] >= 0.89
+
+
+@needs_weights
+def test_world_membrane_trains_in_context_and_resumes_an_interrupted_run(tmp_path, caplog):
+    """The benchmark's runs go on from their last checkpoint, and the result is the uninterrupted run's;
+    `WorldTraining.templates` reaches the trainer."""
+    torch.set_num_threads(1)
+    pipe = load_concept_world_pipeline()
+    templates = context_templates("texture")
+    assert len(templates) == 36 and templates[0] == "{} red circle"
+    settings = WorldTraining(iterations=2, save_every=1, max_denoising_steps=4, templates=templates)
+    whole = Membrane.from_file(train_world_membrane(pipe, "striped", tmp_path, settings=settings))
+    assert whole.training_config["concepts"][0]["templates"] == list(templates) and whole.concepts == ["striped"]
+    with caplog.at_level(logging.INFO):  # its step-1 checkpoint is still there: as if it had stopped at step 1
+        resumed = Membrane.from_file(train_world_membrane(pipe, "striped", tmp_path, settings=settings, resume=True))
+    assert "Resumed striped from step 1" in caplog.text
+    assert whole.modules.keys() == resumed.modules.keys()
+    assert all(torch.equal(whole.modules[k].up, resumed.modules[k].up) and
+               torch.equal(whole.modules[k].down, resumed.modules[k].down) for k in whole.modules)

@@ -106,6 +106,33 @@ def test_anchor_rows_are_the_references_effective_batch(tmp_path):
     assert not any(torch.equal(row, empty) for row in rows[False])
 
 
+def test_templates_wrap_target_positive_and_neutral_alike(tmp_path):
+    """`templates`: the erase loss compares the target and its surrogate in the same context, so the
+    bare concept word is never encoded (with `use_template` only the target is wrapped)."""
+    concept = {"target": "snoopy", "action": "erase_with_la", "resolution": 32, "sampling_batch_size": 2,
+               "templates": ["a {} on the left", "{} at night"]}
+    cfg = config(tmp_path, [concept])
+    trainer = MembraneTrainer(cfg, tiny_pipeline(), cfg.concepts, torch.device("cpu"))
+    encoded = []
+    encode = trainer.encode
+    trainer.encode = lambda prompt: encoded.append(prompt) or encode(prompt)
+    for _ in range(8):
+        plan = trainer.plan()
+        trainer.forward_backward(plan, trainer.denoise([plan])[0], backward=False)
+    trainer.close()
+    assert "snoopy" not in encoded
+    assert {"a snoopy on the left", "a on the left", "snoopy at night", "at night"} <= set(encoded)
+    neutral = "at night" if torch.equal(plan.target.text, encode("snoopy at night").text) else "a on the left"
+    assert torch.equal(plan.positive.text, plan.target.text) and torch.equal(plan.neutral.text, encode(neutral).text)
+
+
+@pytest.mark.parametrize("change", [{"templates": ["a photo of a snoopy"]}, {"templates": ["{} and {}"]},
+                                    {"templates": ["a {} {x}"]}, {"templates": ["a {}"], "use_template": True}])
+def test_templates_need_one_slot_and_exclude_use_template(change):
+    with pytest.raises(ValidationError, match="templates"):
+        TrainingConfig.from_dict({"pretrained_model": {"name_or_path": "x"}, "concepts": [{"target": "snoopy", **change}]})
+
+
 def test_anchoring_the_unconditional_prompt_holds_its_prediction(tmp_path):
     torch.set_num_threads(1)
     moved = {}

@@ -24,7 +24,7 @@ from ..families import denoiser_of, family_of
 from ..membrane import Membrane
 from ..pipeline import add_spm_support
 from ..training import TrainingConfig, train_membrane
-from ..training.trainer import model_name
+from ..training.trainer import checkpoint_path, model_name
 from ..transport import TransportConfig
 from .judge import Judge
 from .metrics import (
@@ -38,11 +38,27 @@ from .metrics import (
     reference_images,
 )
 from .model import world_model
-from .world import ConceptWorld
+from .world import ALL_CONCEPTS, KINDS, NP_FORMS, OUTER_TEMPLATES, ConceptWorld
 
 logger = logging.getLogger(__name__)
 
 MEMBRANES_DIR = world_model("unet").membranes_dir
+
+
+# Prompts that put a concept in context, for `WorldTraining.templates` (docs/concept-world.md, "Texture
+# levers"). The world's caption templates around its generic noun: "a photo of a {} shape".
+GENERIC_NOUN_TEMPLATES: tuple[str, ...] = tuple(
+    t.format(np="{} shape") for t in OUTER_TEMPLATES if "{bg}" not in t)
+
+
+def context_templates(kind: str) -> tuple[str, ...]:
+    """The concept's slot among the names of the world's other two kinds, in one of its caption forms
+    ("{} red circle" for a texture, "striped {} circle" for a colour): every combination, first names only."""
+    others = [k for k in KINDS if k != kind]
+    names = {k: [c.synonyms[0] for c in ALL_CONCEPTS if c.kind == k] for k in others}
+    slots = {"shape": "s", "colour": "c", "texture": "t"}
+    return tuple(NP_FORMS[1].format(**{slots[kind]: "{}", slots[others[0]]: a, slots[others[1]]: b})
+                 for a in names[others[0]] for b in names[others[1]])
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,7 @@ class WorldTraining:
     max_denoising_steps: int = 30
     eta: float = 1.0
     use_template: bool = False
+    templates: tuple[str, ...] = ()  # the trainer's `templates`: target and surrogate in the same context
     anchor_unconditional: bool = True
     denoise_batch: int = 1
     seed: int = 0
@@ -93,6 +110,7 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
         "pretrained_model": {"name_or_path": base_model},
         "concepts": [{"target": concept, "action": action, "la_strength": settings.la_strength,
                       "resolution": 32, "guidance_scale": settings.eta, "use_template": settings.use_template,
+                      "templates": list(settings.templates),
                       "anchor_unconditional": settings.anchor_unconditional, "sampling_batch_size": 4,
                       "batch_size": 1}],
         "network": {"rank": 1, "alpha": 1.0},
@@ -104,16 +122,18 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
 
 
 def train_world_membrane(pipe: Any, concept: str, output: Path, action: str = "erase_with_la",
-                         settings: WorldTraining | None = None) -> Path:
+                         settings: WorldTraining | None = None, resume: bool = False) -> Path:
     """Train one membrane on `pipe` (a world's, or another trained on the world) and save it as
     `<output>/<concept>_<action>.safetensors`, in its family's file layout (so `load_lora_weights`
     reads it too); its metadata names the model it was trained on. `settings` default to the
-    family's (`FAMILY_TRAINING`)."""
+    family's (`FAMILY_TRAINING`). `resume`: continue from the run's last checkpoint
+    (`settings.save_every`), if one was written."""
     denoiser = denoiser_of(pipe)
     family = family_of(denoiser)
     settings = settings or world_training(family.name)
     config = training_config(concept, action, settings, output / "runs", model_name(pipe.name_or_path or CONCEPT_WORLD))
-    membrane: Membrane = train_membrane(config, pipeline=pipe)
+    resume = resume and checkpoint_path(config, config.save.name).is_file()
+    membrane: Membrane = train_membrane(config, pipeline=pipe, resume=resume)
     return family.save(membrane, output / f"{concept}_{action}.safetensors", denoiser)
 
 

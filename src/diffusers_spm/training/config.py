@@ -62,6 +62,10 @@ class ConceptConfig(_Section):
     batch_size: int = Field(default=1, ge=1)
     dynamic_crops: bool = False  # SDXL only: random original size and crop in the time ids
     use_template: bool = False
+    # Prompts to train the concept in, one drawn per iteration, `{}` standing for the concept. Unlike
+    # `use_template`, each wraps the target, the positive and the neutral alike, so an empty neutral keeps
+    # the context: "a {} circle" erases "a striped circle" towards "a circle" (docs/training.md).
+    templates: list[str] = Field(default_factory=list)
     la_strength: float = Field(default=1000.0, ge=0)
     sampling_batch_size: int = Field(default=4, ge=1)
     # Latent Anchoring also holds the unconditional prompt's prediction, as the reference's anchor batch
@@ -73,6 +77,14 @@ class ConceptConfig(_Section):
     def _target_not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("target must name the concept to erase; it is empty")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _one_slot_each(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+                raise ValueError(f"each template must hold the concept's slot '{{}}' exactly once, got {template!r}")
         return value
 
     @field_validator("resolution")
@@ -88,6 +100,8 @@ class ConceptConfig(_Section):
             self.positive = self.target
         if self.neutral is None:
             self.neutral = self.unconditional
+        if self.use_template and self.templates:
+            raise ValueError("use_template (the CLIP templates) and templates (your own) exclude each other; set one")
         if self.sampling_batch_size % self.batch_size:
             raise ValueError(
                 f"sampling_batch_size ({self.sampling_batch_size}) must be a multiple of batch_size ({self.batch_size})"

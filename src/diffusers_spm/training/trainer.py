@@ -62,6 +62,8 @@ class Plan:
     target: Conditioning
     time_ids: torch.Tensor | None
     anchors: Conditioning | None
+    positive: Conditioning | None = None  # None: the concept's own (no `templates`)
+    neutral: Conditioning | None = None
 
 
 class MembraneTrainer:
@@ -121,7 +123,9 @@ class MembraneTrainer:
         prompts: dict[str, None] = {}
         for concept in self.concepts:
             targets = [t.format(concept.target) for t in TEMPLATES] if concept.use_template else [concept.target]
-            prompts.update(dict.fromkeys([*targets, concept.positive, concept.neutral, concept.unconditional]))
+            in_context = [in_template(t, text) for t in concept.templates
+                          for text in (concept.target, concept.positive, concept.neutral)]
+            prompts.update(dict.fromkeys([*targets, *in_context, concept.positive, concept.neutral, concept.unconditional]))
         return list(prompts)
 
     def _attach_membrane(self) -> MembraneController:
@@ -200,14 +204,19 @@ class MembraneTrainer:
         noise = torch.randn(concept.batch_size, *shape, generator=gen)
         latents = (noise * self.schedule.init_noise_sigma).to(self.device, self.dtype)
         time_ids = sdxl_time_ids(height, width, concept.dynamic_crops, gen) if self.size_conditioned else None
-        prompt = concept.target
+        prompt, positive, neutral = concept.target, None, None
         if concept.use_template:
             prompt = TEMPLATES[int(torch.randint(0, len(TEMPLATES), (), generator=gen))].format(concept.target)
+        elif concept.templates:
+            template = concept.templates[int(torch.randint(0, len(concept.templates), (), generator=gen))]
+            prompt, positive, neutral = (in_template(template, text)
+                                         for text in (concept.target, concept.positive, concept.neutral))
+            positive, neutral = self.encode(positive), self.encode(neutral)
         target = self.encode(prompt)
         anchors = self._anchors(concept, target) if concept.action == "erase_with_la" else None
         if time_ids is not None:
             time_ids = time_ids.to(self.device, self.dtype)
-        return Plan(index, steps, latents, target, time_ids, anchors)
+        return Plan(index, steps, latents, target, time_ids, anchors, positive, neutral)
 
     def _anchors(self, concept: ConceptConfig, target: Conditioning) -> Conditioning:
         """The rows Latent Anchoring holds: `sampling_batch_size` random embeddings, or, with
@@ -280,8 +289,8 @@ class MembraneTrainer:
         concept = self.concepts[plan.concept]
         timestep = self.schedule.loss_timestep(plan.steps, latents.shape[1:]).to(self.device)
         batch = concept.batch_size
-        positive = self.encode(concept.positive).repeat(batch)
-        neutral = self.encode(concept.neutral).repeat(batch)
+        positive = (self.encode(concept.positive) if plan.positive is None else plan.positive).repeat(batch)
+        neutral = (self.encode(concept.neutral) if plan.neutral is None else plan.neutral).repeat(batch)
         target = plan.target.repeat(batch)
         anchored = plan.anchors is not None
         anchor_latents = latents.repeat(concept.sampling_batch_size // batch, 1, 1, 1)
@@ -402,6 +411,11 @@ class MembraneTrainer:
             self.controller.detach()
         if self._checkpointing:
             self.denoiser.disable_gradient_checkpointing()
+
+
+def in_template(template: str, text: str) -> str:
+    """`text` in `template`'s slot, spaces collapsed (an empty neutral leaves no double space)."""
+    return " ".join(template.format(text).split())
 
 
 def model_name(name_or_path: str) -> str:

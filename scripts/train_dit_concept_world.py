@@ -340,6 +340,7 @@ def write_model_card(out: Path, world: ConceptWorld) -> Path:
         f"\n   Then `HF_HUB_OFFLINE=1 python scripts/train_dit_concept_world.py --resume-steps {r['resume_steps']} --lr {r['lr']:g} "
         f"--ema-decay {r['ema_decay']:g} --full-rows-steps {r['full_rows_steps']}` continued it (fresh warm-up, cosine and EMA)."
         for r in stats.get("resumes", []))
+    continued = f" continued training {t['resumed_diffusion'] / 60:.1f} min," if "resumed_diffusion" in t else ""
     quick = "\n**A `--quick` smoke run: untrained, for development only.**\n" if a.get("quick") else ""
     text = f"""# Concept world, DiT: a tiny flow-matching transformer that knows its concepts
 {quick}
@@ -365,8 +366,7 @@ its checkpoint exactly), written to `{written}`{copied}:
    `x_s = (1 - s) x0 + s e` and target `e - x0`, `s` half logit-normal and half uniform;
    {a["uncond_prob"]:.0%} empty captions (classifier-free guidance), each attribute left out of a caption with probability
    {a["drop_prob"]:g}. The first text encoder starts from the UNet world's, the second from scratch.{resumed}
-Wall time on a 2-core CPU shared with other jobs: setup {t["setup"] / 60:.1f} min, training {t["diffusion"] / 60:.1f} min,
-continued training {t.get("resumed_diffusion", 0) / 60:.1f} min,
+Wall time on a 2-core CPU shared with other jobs: setup {t["setup"] / 60:.1f} min, training {t["diffusion"] / 60:.1f} min,{continued}
 evaluation {t.get("eval", 0) / 60:.1f} min. Final training loss (running mean) {stats["final_loss"]:.4f}.
 
 ## Sizes

@@ -9,6 +9,9 @@ Families: `sd15`, `sdxl` (the shipped UNet configs), `sd3` (SD3.5 medium: 24 joi
 dual attention), `flux` (Flux.1-dev width, 3072, with fewer blocks than its 19 double + 38 single:
 2 + 4 by default, `--blocks D S`); `--blocks` shortens the DiTs (full width; the ratio is per block).
 
+The table gives each ratio's median and the lowest and highest round, and a first row times the
+plain step against itself: its distance from 1.000x is the noise floor of the run.
+
 Gates come from real transport, as in a pipeline call: the N membranes' concepts ("concept i") and
 the prompts are encoded (UNets: CLIP text encoders at full width, observed by the runtime's hooks,
 with random weights and 2 layers, since rating reads their outputs, not their depth; DiTs: random text
@@ -67,6 +70,17 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 
 @dataclass(frozen=True)
+class Paired:
+    """Per-round ratios of a configuration's step to the plain step (median, spread) and the median times."""
+
+    ratio: float
+    low: float
+    high: float
+    seconds: float
+    plain_seconds: float
+
+
+@dataclass(frozen=True)
 class Timer:
     """Times steps by the wall clock, or by this process's CPU time (`--clock cpu`): on a shared CPU
     machine with one torch thread, the CPU time leaves out the time other jobs hold the cores."""
@@ -83,12 +97,13 @@ class Timer:
             torch.cuda.synchronize()
         return self.clock() - start
 
-    def paired(self, fn: Callable[[], object], plain: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-        """Median ratio of `fn` to `plain` over rounds that time one right after the other."""
+    def paired(self, fn: Callable[[], object], plain: Callable[[], object], repeats: int) -> Paired:
+        """`fn` against `plain` over rounds that time one right after the other."""
         fn(), plain()  # warm-up
         rounds = [(self.seconds(fn), self.seconds(plain)) for _ in range(repeats)]
-        return (statistics.median(a / b for a, b in rounds), statistics.median(a for a, _ in rounds),
-                statistics.median(b for _, b in rounds))
+        ratios = [a / b for a, b in rounds]
+        return Paired(statistics.median(ratios), min(ratios), max(ratios), statistics.median(a for a, _ in rounds),
+                      statistics.median(b for _, b in rounds))
 
 
 TEXT_LENGTH = {"sd15": 77, "sdxl": 77, "sd3": 77 + 256, "flux": 512}
@@ -266,6 +281,7 @@ def main() -> None:
             outside_call = lambda: contextvars.Context().run(single)  # no call scope: a hand-written loop
 
             plain_peak = peak_bytes(plain_single, device)
+            results["plain against plain (the noise floor)"] = timer.paired(plain_single, plain_single, args.repeats)
             with controller.call_scope(single_gates):
                 results["spm single prompt, pipeline call (stacked)"] = timer.paired(single, plain_single, args.repeats)
                 peaks.append((n, "stacked, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
@@ -283,7 +299,7 @@ def main() -> None:
                 with controller.call_scope(single_gates):
                     peaks.append((n, "merged, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
                 controller.set_merge_per_call(False)
-                seconds_rows.append(("merge cost per call (s)", first_step - merged[1]))
+                seconds_rows.append(("merge cost per call (s)", first_step - merged.seconds))
 
             plain_peak = peak_bytes(plain_mixed, device)
             with controller.call_scope(mixed_gates):
@@ -308,9 +324,9 @@ def main() -> None:
                 results["reference separate"] = timer.paired(single, plain_single, args.repeats)
                 remove_reference(layers)
 
-            rows += [(n, label, *result) for label, result in results.items()]
-            rows += [(n, label, value, None, None) for label, value in seconds_rows]
-            print(f"N = {n}: " + ", ".join(f"{label} {result[0]:.3f}" for label, result in results.items()),
+            rows += [(n, label, result) for label, result in results.items()]
+            rows += [(n, label, value) for label, value in seconds_rows]
+            print(f"N = {n}: " + ", ".join(f"{label} {result.ratio:.3f}" for label, result in results.items()),
                   file=sys.stderr, flush=True)
 
     mib = 2**20
@@ -319,13 +335,14 @@ def main() -> None:
           f"{'CPU time' if args.clock == 'cpu' else 'wall clock'}")
     print(f"{len(targets)} adapted layers, {sum(sizes) / mib:.0f} MiB (the copy `merged` holds during a call); "
           f"largest {max(sizes) / mib:.1f} MiB\n")
-    print("| N | configuration | ratio | seconds/step | plain seconds/step |")
-    print("|---|---|---|---|---|")
-    for n, label, ratio, step_seconds, plain_seconds in rows:
-        if step_seconds is None:
-            print(f"| {n} | {label} | {ratio:.4f} s | | |")
+    print("| N | configuration | ratio (median) | rounds: lowest-highest | seconds/step | plain seconds/step |")
+    print("|---|---|---|---|---|---|")
+    for n, label, result in rows:
+        if isinstance(result, Paired):
+            print(f"| {n} | {label} | {result.ratio:.3f}x | {result.low:.3f}-{result.high:.3f} | {result.seconds:.3f} | "
+                  f"{result.plain_seconds:.3f} |")
         else:
-            print(f"| {n} | {label} | {ratio:.3f}x | {step_seconds:.3f} | {plain_seconds:.3f} |")
+            print(f"| {n} | {label} | {result:.4f} s | | | |")
     print("\n| N | memory mode | peak over plain step (MiB) | + membranes (MiB) | bound: largest layer + membranes (MiB) |")
     print("|---|---|---|---|---|")
     for n, mode, peak, membrane_bytes in peaks:

@@ -62,7 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from diffusers_spm.architectures import unet_config  # noqa: E402
 from diffusers_spm.controller import MembraneController, PromptGates, membrane_targets  # noqa: E402
 from diffusers_spm.families import TextEncoding  # noqa: E402
-from diffusers_spm.transport import TransportConfig  # noqa: E402
 from diffusers_spm.utils import DTYPES  # noqa: E402
 from reference_spm import apply_reference, random_membrane, remove_reference  # noqa: E402
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa: E402

@@ -13,7 +13,6 @@ import torch
 from conftest import recorded_gates
 from diffusers_spm import MembraneController
 from diffusers_spm.controller import CallScope
-from diffusers_spm.transport import TransportConfig
 from reference_spm import random_membrane
 
 PROMPTS = ["a photo of snoopy", "a red car"]

@@ -1,24 +1,42 @@
 """Inference overhead of membranes on a full-width denoiser (random weights, no download).
 
 Prints one table of time ratios to the plain denoiser, measured side by side in one run: each
-configuration's step is timed in alternation with an untouched copy of the denoiser on the same
-inputs, and the table gives the median of the per-round ratios, so drifts of the machine cancel.
+configuration's step is timed in alternation with a plain copy of the denoiser (the same weight
+tensors, no hooks) on the same inputs, and the table gives the median of the per-round ratios, so
+drifts of the machine cancel.
 
 Families: `sd15`, `sdxl` (the shipped UNet configs), `sd3` (SD3.5 medium: 24 joint blocks, 13 with
 dual attention), `flux` (Flux.1-dev width, 3072, with fewer blocks than its 19 double + 38 single:
-2 + 4 by default, `--blocks D S`); `--blocks` shortens the DiTs for a quick run.
+2 + 4 by default, `--blocks D S`); `--blocks` shortens the DiTs (full width; the ratio is per block).
 
-Configurations, for N membranes:
+The table gives each ratio's median and the lowest and highest round, and a first row times the
+plain step against itself: its distance from 1.000x is the noise floor of the run.
 
-- `spm single prompt (stacked)`: the default; rows share gates, each layer adds `U (G * D x)`;
-- `spm single prompt (merged)`: `set_spm_memory("merged")`: each layer runs on `W + sum g_i dW_i`,
-  merged once per call (its cost is shown apart, per call), one extra copy of the adapted weights;
-- `spm mixed batch`: each row has its own gates (two different prompts), `U (G * D x)`;
+Gates come from real transport, as in a pipeline call: the N membranes' concepts ("concept i") and
+the prompts are encoded (UNets: CLIP text encoders at full width, observed by the runtime's hooks,
+with random weights and 2 layers, since rating reads their outputs, not their depth; DiTs: random text
+states of the family's shape and synthetic token sets), and every denoiser forward computes its
+gates through `MembraneController.row_gates`. Configurations, for N membranes:
+
+- `spm single prompt, pipeline call (stacked)`: the default route. One prompt under CFG: rows share
+  gates, each layer adds `U (G * D x)`. Inside the call's scope, as `pipe(...)` opens it: UNets trace
+  and rate the text states once per call (`CallScope.rates`), DiTs lay the per-call gates on the rows;
+- `rating saved per forward`: the same forward outside any call scope (a hand-written loop on the
+  denoiser: UNets trace and rate the text rows at every forward, DiTs rate them by the flattened
+  cosine) timed against the pipeline call's, side by side;
+- `spm single prompt, pipeline call (merged)`: `set_spm_memory("merged")`: each layer runs on
+  `W + sum g_i dW_i`, merged once per call (its cost is shown apart, per call), one extra copy of the
+  adapted weights;
+- `spm mixed batch, pipeline call`: two different prompts, one row each, own gates, `U (G * D x)`;
 - `peft set_adapters`: diffusers/PEFT with N rank-1 LoRA adapters active on the same layers;
 - `reference separate`: N adapters patched in one after another, as the reference applies them.
 
-On CUDA the peak memory over the plain denoiser is measured per configuration; on CPU the bound is
-printed (largest adapted layer + the membranes).
+Peak memory over the plain denoiser, per SPM configuration: on CUDA `max_memory_allocated`, on CPU
+the peak of the allocations PyTorch's profiler records during one step (`profile_memory`), each over
+the same measure of a plain step; beside it the bound (largest adapted layer + the membranes).
+
+`--skip merged peft reference` leaves configurations out; `--text-tokens` shortens a DiT's text
+states (Flux's `max_sequence_length`) for a quicker CPU run.
 
     python benchmarks/inference_overhead.py --family flux [--latent 32] [--repeats 3] [--device cpu] [--dtype fp32]
 """
@@ -26,10 +44,13 @@ printed (largest adapted layer + the membranes).
 from __future__ import annotations
 
 import argparse
+import contextvars
 import copy
+import itertools
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,40 +60,67 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from diffusers_spm.architectures import unet_config  # noqa: E402
-from diffusers_spm.controller import MembraneController, membrane_targets  # noqa: E402
-from diffusers_spm.transport import TransportConfig  # noqa: E402
+from diffusers_spm.controller import MembraneController, PromptGates, membrane_targets  # noqa: E402
+from diffusers_spm.families import TextEncoding  # noqa: E402
 from diffusers_spm.utils import DTYPES  # noqa: E402
 from reference_spm import apply_reference, random_membrane, remove_reference  # noqa: E402
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 
-def seconds(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Paired:
+    """Per-round ratios of a configuration's step to the plain step (median, spread) and the median times."""
+
+    ratio: float
+    low: float
+    high: float
+    seconds: float
+    plain_seconds: float
 
 
-def paired(fn: Callable[[], object], plain: Callable[[], object], repeats: int, device: str) -> tuple[float, float, float]:
-    """Median ratio of `fn` to `plain` over rounds that time one right after the other."""
-    fn(), plain()  # warm-up
-    rounds = [(seconds(fn, device), seconds(plain, device)) for _ in range(repeats)]
-    return statistics.median(a / b for a, b in rounds), statistics.median(a for a, _ in rounds), statistics.median(
-        b for _, b in rounds)
+@dataclass(frozen=True)
+class Timer:
+    """Times steps by the wall clock, or by this process's CPU time (`--clock cpu`): on a shared CPU
+    machine with one torch thread, the CPU time leaves out the time other jobs hold the cores."""
+
+    device: str
+    clock: Callable[[], float] = time.perf_counter
+
+    def seconds(self, fn: Callable[[], object]) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = self.clock()
+        fn()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return self.clock() - start
+
+    def paired(self, fn: Callable[[], object], plain: Callable[[], object], repeats: int) -> Paired:
+        """`fn` against `plain` over rounds that time one right after the other."""
+        fn(), plain()  # warm-up
+        rounds = [(self.seconds(fn), self.seconds(plain)) for _ in range(repeats)]
+        ratios = [a / b for a, b in rounds]
+        return Paired(statistics.median(ratios), min(ratios), max(ratios), statistics.median(a for a, _ in rounds),
+                      statistics.median(b for _, b in rounds))
 
 
-def build(family: str, latent: int, blocks: list[int] | None) -> tuple[nn.Module, dict[str, Any], str]:
-    """A full-width denoiser of `family` (random weights) and the keyword inputs of one CFG step (batch 2)."""
+TEXT_LENGTH = {"sd15": 77, "sdxl": 77, "sd3": 77 + 256, "flux": 512}
+
+
+def cfg(shape: tuple[int, ...]) -> torch.Tensor:
+    """A random input of one sample, repeated for the two rows of a CFG step (diffusers' layout)."""
+    return torch.randn(1, *shape).repeat(2, *([1] * len(shape)))
+
+
+def build(family: str, latent: int, blocks: list[int] | None, text_tokens: int) -> tuple[nn.Module, dict[str, Any], str]:
+    """A full-width denoiser of `family` (random weights) and the keyword inputs of one CFG step (batch 2),
+    less the text states (each configuration brings its own)."""
     if family in ("sd15", "sdxl"):
         unet = UNet2DConditionModel.from_config(unet_config("sd1" if family == "sd15" else "sdxl"))
-        width = unet.config.cross_attention_dim
-        inputs = {"sample": torch.randn(2, 4, latent, latent), "timestep": 500,
-                  "encoder_hidden_states": torch.randn(2, 77, width)}
+        inputs = {"sample": cfg((4, latent, latent)), "timestep": 500}
         if family == "sdxl":
-            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)}
+            inputs["added_cond_kwargs"] = {"text_embeds": cfg((1280,)), "time_ids": cfg((6,))}
         return unet, inputs, f"{family} UNet"
     if family == "sd3":
         layers = blocks[0] if blocks else 24
@@ -81,31 +129,91 @@ def build(family: str, latent: int, blocks: list[int] | None) -> tuple[nn.Module
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
             out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(min(13, layers))),
             qk_norm="rms_norm")
-        inputs = {"hidden_states": torch.randn(2, 16, latent, latent), "timestep": torch.full((2,), 500.0),
-                  "encoder_hidden_states": torch.randn(2, 77 + 256, 4096), "pooled_projections": torch.randn(2, 2048)}
-        return transformer, inputs, f"SD3.5-medium transformer ({layers} joint blocks)"
+        inputs = {"hidden_states": cfg((16, latent, latent)), "timestep": torch.full((2,), 500.0),
+                  "pooled_projections": cfg((2048,))}
+        return transformer, inputs, f"SD3.5-medium transformer at full width, {layers} joint blocks (of 24)"
     double, single = blocks or (2, 4)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))
     tokens = (latent // 2) ** 2
-    inputs = {"hidden_states": torch.randn(2, tokens, 64), "timestep": torch.full((2,), 0.5),
-              "encoder_hidden_states": torch.randn(2, 512, 4096), "pooled_projections": torch.randn(2, 768),
-              "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(512, 3), "guidance": torch.full((2,), 3.5)}
+    inputs = {"hidden_states": cfg((tokens, 64)), "timestep": torch.full((2,), 0.5), "pooled_projections": cfg((768,)),
+              "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text_tokens, 3), "guidance": torch.full((2,), 3.5)}
     return transformer, inputs, f"Flux.1 transformer at full width, {double} double + {single} single blocks (of 19 + 38)"
 
 
-def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
-    """Peak allocated memory of one call, over what was allocated before it (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+BOS, EOS = 49406, 49407  # CLIP's; the synthetic vocabulary numbers words from 1000
+_VOCABULARY: dict[str, int] = {}
+
+
+def token_ids(texts: list[str]) -> torch.Tensor:
+    """CLIP-style ids ([BOS, words, EOS, EOS padding], 77 long) of a whitespace vocabulary."""
+    rows = []
+    for text in texts:
+        words = [_VOCABULARY.setdefault(word, 1000 + len(_VOCABULARY)) for word in text.split()]
+        rows.append([BOS, *words, EOS] + [EOS] * (75 - len(words)))
+    return torch.tensor(rows)
+
+
+class Texts:
+    """Prompts and concepts encoded as a pipeline encodes them, so forwards rate real text states.
+
+    UNets: CLIP text encoders at the family's width (SD 1.5: CLIP-L's last layer; SDXL: CLIP-L and
+    bigG, penultimate layers side by side), random weights, 2 layers, observed by the runtime's
+    hooks. DiTs: random text states of the family's shape and synthetic token sets, rated per call."""
+
+    def __init__(self, family: str, dtype: torch.dtype, device: str, length: int) -> None:
+        self.family, self.dtype, self.device, self.length = family, dtype, device, length
+        self.encoders: list[nn.Module] = []
+        if family in ("sd15", "sdxl"):
+            config = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
+                          pad_token_id=EOS, num_hidden_layers=2)
+            self.encoders.append(CLIPTextModel(CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_attention_heads=12, **config)))
+            if family == "sdxl":
+                self.encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
+                    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, **config)))
+            self.encoders = [e.to(device, dtype).eval() for e in self.encoders]
+
+    def observe(self, controller: MembraneController) -> None:
+        controller.observe_text_encoders([(encoder, {BOS, EOS}, EOS) for encoder in self.encoders])
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> TextEncoding:
+        if not self.encoders:  # a DiT: text states of its shape, rated per call from tokens and summaries
+            ids = token_ids(texts)
+            states = torch.randn(len(texts), self.length, 4096).to(self.device, self.dtype)
+            return TextEncoding(states, [set(row.tolist()) - {BOS, EOS} for row in ids], states[:, -1:])
+        ids = token_ids(texts).to(self.device)
+        if self.family == "sd15":
+            states = self.encoders[0](ids).last_hidden_state
+        else:
+            states = torch.cat([e(ids, output_hidden_states=True).hidden_states[-2] for e in self.encoders], dim=-1)
+        return TextEncoding(states, [], states[:, -1:])
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak memory PyTorch allocates during one call, over what was allocated before it: on CUDA its
+    allocator's peak, on CPU the running sum of the allocations and frees the profiler records."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        fn()
+    events = sorted((e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def plain_copy(denoiser: nn.Module) -> nn.Module:
+    """The denoiser without our hooks, PEFT's layers or the reference's patches, on the same weight tensors."""
+    shared = {id(t): t for t in itertools.chain(denoiser.parameters(), denoiser.buffers())}
+    return copy.deepcopy(denoiser, shared)
 
 
 def main() -> None:
@@ -118,91 +226,127 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--no-reference", action="store_true", help="skip the reference's separate adapters")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time steps by the wall clock or by the process's CPU time (a shared CPU, one thread)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=("merged", "peft", "reference"),
+                        help="configurations to leave out")
+    parser.add_argument("--text-tokens", type=int, help="DiTs: text-state length (default: the family's, 333 / 512)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, device = DTYPES[args.dtype], args.device
+    if args.clock == "cpu" and device != "cpu":
+        parser.error("--clock cpu times CPU steps; on an accelerator use the wall clock")
+    timer = Timer(device, time.process_time if args.clock == "cpu" else time.perf_counter)
 
     torch.manual_seed(0)
-    denoiser, inputs, title = build(args.family, args.latent, args.blocks)
+    text_tokens = TEXT_LENGTH[args.family] if args.family in ("sd15", "sdxl") else args.text_tokens or TEXT_LENGTH[args.family]
+    denoiser, inputs, title = build(args.family, args.latent, args.blocks, text_tokens)
     denoiser = denoiser.to(device, dtype).eval()
-    untouched = copy.deepcopy(denoiser)  # the plain denoiser, timed in alternation with each configuration
+    plain_denoiser = plain_copy(denoiser)
     inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
               for k, v in inputs.items()}
     if "added_cond_kwargs" in inputs:
         inputs["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in inputs["added_cond_kwargs"].items()}
-    step = lambda: denoiser(**inputs)
-    plain = lambda: untouched(**inputs)
     targets = membrane_targets(denoiser)
     sizes = [m.weight.numel() * m.weight.element_size() for _, m in targets.values()]
+    texts = Texts(args.family, dtype, device, text_tokens)
 
     rows, peaks = [], []
     with torch.no_grad():
-        plain_peak = peak_bytes(plain, device)
         for n in args.counts:
             membranes = [random_membrane(denoiser, [f"concept {i}"], seed=i) for i in range(n)]
             membrane_bytes = sum(m.num_parameters() for m in membranes) * torch.finfo(dtype).bits // 8
-            results = {}
+            results, seconds_rows = {}, []
 
             controller = MembraneController.of(denoiser, create=True)
             for i, membrane in enumerate(membranes):
                 controller.add(f"m{i}", membrane, dtype=dtype)
-            controller.set_transport(TransportConfig(enabled=False))
-            single = torch.rand(n) + 0.1  # one prompt: CFG rows share gates
-            mixed = torch.rand(2, n) + 0.1  # two prompts: one row each
-            controller.row_gates = lambda sample, text: single  # as transport would rate the rows
-            with controller.call_scope():
-                results["spm single prompt (stacked)"] = paired(step, plain, args.repeats, device)
-                peaks.append((n, "stacked", peak_bytes(step, device), membrane_bytes))
-            controller.set_merge_per_call(True)
-            with controller.call_scope():
-                first_step = seconds(step, device)  # the merge happens here, once per call
-                results["spm single prompt (merged)"] = paired(step, plain, args.repeats, device)
-            with controller.call_scope():
-                peaks.append((n, "merged", peak_bytes(step, device), membrane_bytes))
-            controller.set_merge_per_call(False)
-            merge_cost = first_step - results["spm single prompt (merged)"][1]
-            controller.row_gates = lambda sample, text: mixed
-            with controller.call_scope():
-                results["spm mixed batch"] = paired(step, plain, args.repeats, device)
+            texts.observe(controller)
+            for i in range(n):
+                controller.set_concepts(f"m{i}", texts.encode([f"concept {i}"]))
+            prompt = texts.encode(["a photo of concept 0"])  # encoded before its negative, as `encode_prompt` does
+            single_text = torch.cat([texts.encode([""]).embeds, prompt.embeds])  # CFG: [negative, prompt]
+            mixed = texts.encode(["a photo of concept 0", "a red car"])
+            if controller.family.rates_per_call:  # the gates `pipe(...)` computes once per call
+                gates = lambda p: controller.transport.gates(controller.text_rates(p, None), controller.scales())
+                single_gates, mixed_gates = PromptGates(gates(prompt), None, 1), PromptGates(gates(mixed), None, 1)
+            else:  # traced from the text states at the forwards
+                single_gates = mixed_gates = None
+            text_argument = controller.family.text_argument.name
+            forward = lambda module, text: (lambda: module(**inputs, **{text_argument: text}))
+            single, mixed_step = forward(denoiser, single_text), forward(denoiser, mixed.embeds)
+            plain_single, plain_mixed = forward(plain_denoiser, single_text), forward(plain_denoiser, mixed.embeds)
+            outside_call = lambda: contextvars.Context().run(single)  # no call scope: a hand-written loop
+
+            plain_peak = peak_bytes(plain_single, device)
+            results["plain against plain (the noise floor)"] = timer.paired(plain_single, plain_single, args.repeats)
+            with controller.call_scope(single_gates):
+                results["spm single prompt, pipeline call (stacked)"] = timer.paired(single, plain_single, args.repeats)
+                peaks.append((n, "stacked, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
+                results["rating saved per forward: rated every forward / pipeline call"] = timer.paired(
+                    outside_call, single, args.repeats)
+            rating = statistics.median(timer.seconds(lambda: controller.rates(single_text)) for _ in range(5))
+            seconds_rows.append(("rating the text states once (s)", rating))
+
+            if "merged" not in args.skip:
+                controller.set_merge_per_call(True)
+                with controller.call_scope(single_gates):
+                    first_step = timer.seconds(single)  # the merge happens here, once per call
+                    merged = results["spm single prompt, pipeline call (merged)"] = timer.paired(
+                        single, plain_single, args.repeats)
+                with controller.call_scope(single_gates):
+                    peaks.append((n, "merged, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
+                controller.set_merge_per_call(False)
+                seconds_rows.append(("merge cost per call (s)", first_step - merged.seconds))
+
+            plain_peak = peak_bytes(plain_mixed, device)
+            with controller.call_scope(mixed_gates):
+                assert controller.row_gates(inputs[controller.family.batch_argument.name], mixed.embeds).dim() == 2
+                results["spm mixed batch, pipeline call (stacked)"] = timer.paired(mixed_step, plain_mixed, args.repeats)
+                peaks.append((n, "stacked, mixed batch", peak_bytes(mixed_step, device) - plain_peak, membrane_bytes))
             controller.detach()
 
-            from peft import LoraConfig
+            if "peft" not in args.skip:
+                from peft import LoraConfig
 
-            config = LoraConfig(r=1, lora_alpha=1, target_modules=sorted(p for p, _ in targets.values()),
-                                init_lora_weights=False)
-            for i in range(n):
-                denoiser.add_adapter(config, adapter_name=f"a{i}")
-            denoiser.set_adapters([f"a{i}" for i in range(n)], [0.5] * n)
-            results["peft set_adapters"] = paired(step, plain, args.repeats, device)
-            denoiser.delete_adapters([f"a{i}" for i in range(n)])
+                config = LoraConfig(r=1, lora_alpha=1, target_modules=sorted(p for p, _ in targets.values()),
+                                    init_lora_weights=False)
+                for i in range(n):
+                    denoiser.add_adapter(config, adapter_name=f"a{i}")
+                denoiser.set_adapters([f"a{i}" for i in range(n)], [0.5] * n)
+                results["peft set_adapters"] = timer.paired(single, plain_single, args.repeats)
+                denoiser.delete_adapters([f"a{i}" for i in range(n)])
 
-            if not args.no_reference:
+            if "reference" not in args.skip:
                 layers = apply_reference(denoiser, membranes, rates=[0.5] * n, combine=False)
-                results["reference separate"] = paired(step, plain, args.repeats, device)
+                results["reference separate"] = timer.paired(single, plain_single, args.repeats)
                 remove_reference(layers)
 
-            rows += [(n, label, *result) for label, result in results.items()]
-            rows.append((n, "merge cost per call (s)", merge_cost, None, None))
+            rows += [(n, label, result) for label, result in results.items()]
+            rows += [(n, label, value) for label, value in seconds_rows]
+            print(f"N = {n}: " + ", ".join(f"{label} {result.ratio:.3f}" for label, result in results.items()),
+                  file=sys.stderr, flush=True)
 
     mib = 2**20
     print(f"\n{title}, random weights, {device} {args.dtype}, {torch.get_num_threads()} threads, latent "
-          f"{args.latent}x{args.latent}, batch 2, median of {args.repeats} alternating rounds")
+          f"{args.latent}x{args.latent}, {text_tokens} text tokens, batch 2, median of {args.repeats} alternating rounds, "
+          f"{'CPU time' if args.clock == 'cpu' else 'wall clock'}")
     print(f"{len(targets)} adapted layers, {sum(sizes) / mib:.0f} MiB (the copy `merged` holds during a call); "
           f"largest {max(sizes) / mib:.1f} MiB\n")
-    print("| N | configuration | ratio to plain | seconds/step | plain seconds/step |")
-    print("|---|---|---|---|---|")
-    for n, label, ratio, step_seconds, plain_seconds in rows:
-        if step_seconds is None:
-            print(f"| {n} | {label} | {ratio:.3f} s | | |")
+    print("| N | configuration | ratio (median) | rounds: lowest-highest | seconds/step | plain seconds/step |")
+    print("|---|---|---|---|---|---|")
+    for n, label, result in rows:
+        if isinstance(result, Paired):
+            print(f"| {n} | {label} | {result.ratio:.3f}x | {result.low:.3f}-{result.high:.3f} | {result.seconds:.3f} | "
+                  f"{result.plain_seconds:.3f} |")
         else:
-            print(f"| {n} | {label} | {ratio:.3f}x | {step_seconds:.3f} | {plain_seconds:.3f} |")
-    print("\n| N | memory mode | peak over plain (MiB) | bound: largest layer + membranes (MiB) |")
-    print("|---|---|---|---|")
+            print(f"| {n} | {label} | {result:.4f} s | | | |")
+    print("\n| N | memory mode | peak over plain step (MiB) | + membranes (MiB) | bound: largest layer + membranes (MiB) |")
+    print("|---|---|---|---|---|")
     for n, mode, peak, membrane_bytes in peaks:
-        over = "n/a (CPU)" if peak is None else f"{(peak - plain_peak) / mib:.1f}"
-        print(f"| {n} | {mode} | {over} | {(max(sizes) + membrane_bytes) / mib:.1f} |")
+        print(f"| {n} | {mode} | {peak / mib:.2f} | {(peak + membrane_bytes) / mib:.1f} | "
+              f"{(max(sizes) + membrane_bytes) / mib:.1f} |")
 
 
 if __name__ == "__main__":

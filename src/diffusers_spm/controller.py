@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import numbers
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
@@ -107,14 +108,39 @@ class PromptGates:
         return self._rows[batch]
 
 
+Rated = tuple[torch.Tensor, list[TextRow | None]]  # [B, N] raw rates of text rows, and the rows' texts
+
+
 @dataclass
 class CallScope:
-    """One pipeline call: its per-prompt gates (families rated per call) and merged weights (per
-    layer, with `set_spm_memory("merged")`) live only as long as it runs."""
+    """One pipeline call: its per-prompt gates (families rated per call), the rates of its text states
+    and its merged weights (per layer, with `set_spm_memory("merged")`) live only as long as it runs."""
 
     controller: "MembraneController"
     prompt_gates: PromptGates | None = None
     merged: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
+    # id(text states) -> (the tensor, weakly; its stamp; its rates): a pipeline passes the same text
+    # states to every denoiser step, so they are traced and rated once per call, not once per step.
+    rated: dict[int, tuple[weakref.ref, tuple, Rated | None]] = field(default_factory=dict)
+
+    def rates(self, text: torch.Tensor) -> Rated | None:
+        """`MembraneController.rates(text)`, computed once per text-state tensor in this call.
+
+        Reused only for the same tensor object, unchanged since (PyTorch's version counter, which
+        autograd also relies on, and its storage), rated under the same controller settings
+        (`MembraneController.version`) and the same recorded encodings. Inference tensors keep no
+        version counter, so they are rated at every forward."""
+        controller = self.controller
+        if text.is_inference():
+            return controller.rates(text)
+        stamp = (text._version, text.data_ptr(), text.shape, text.stride(), text.dtype, text.device,
+                 controller.version, tuple((id(e), e.generation) for e in controller.encoders))
+        cached = self.rated.get(id(text))
+        if cached is not None and cached[0]() is text and cached[1] == stamp:
+            return cached[2]
+        rated = controller.rates(text)
+        self.rated[id(text)] = (weakref.ref(text), stamp, rated)
+        return rated
 
 
 @dataclass
@@ -276,7 +302,7 @@ class MembraneController(ModelHook):
         self._invalidate()
 
     def _invalidate(self) -> None:
-        """Merged weights cached in a running call are stale from now on."""
+        """Merged weights and rates cached in a running call are stale from now on."""
         self.version += 1
 
     def weights_changed(self) -> None:
@@ -389,14 +415,15 @@ class MembraneController(ModelHook):
         state = self.adapters[name]
         if self.family.rates_per_call:
             state.concept_embeds, state.concept_text = concepts.embeds.detach(), concepts
-            return
-        rows = describe(concepts.embeds, self.encoders)
-        if any(row is None for row in rows):
-            raise RuntimeError(
-                f"The concepts of membrane {name!r} were not encoded by an observed text encoder; encode them "
-                "with the pipeline's own `encode_prompt` after `observe_text_encoders`."
-            )
-        state.concept_embeds, state.concept_rows = concepts.embeds.detach(), rows
+        else:
+            rows = describe(concepts.embeds, self.encoders)
+            if any(row is None for row in rows):
+                raise RuntimeError(
+                    f"The concepts of membrane {name!r} were not encoded by an observed text encoder; encode them "
+                    "with the pipeline's own `encode_prompt` after `observe_text_encoders`."
+                )
+            state.concept_embeds, state.concept_rows = concepts.embeds.detach(), rows
+        self._invalidate()
 
     # ------------------------------------------------------------------ transport
     def _rated_states(self) -> list[AdapterState] | None:
@@ -418,7 +445,7 @@ class MembraneController(ModelHook):
             return None
         return states
 
-    def rates(self, text: torch.Tensor) -> tuple[torch.Tensor, list[TextRow | None]] | None:
+    def rates(self, text: torch.Tensor) -> Rated | None:
         """[B, N] raw transport rates of each row of the denoiser's text states, and the rows' texts;
         None without concept embeddings.
 
@@ -461,14 +488,19 @@ class MembraneController(ModelHook):
         """[B, N] or [N] gates of one denoiser forward.
 
         Inside a pipeline call of a family rated per call, the call's per-prompt gates, laid out on
-        the rows. Otherwise each row is rated from its text states (`rates`). With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative rows, prompt rows], the
-        latents repeated) gives each negative row the gate of its prompt row. It is recognised by
-        identical latents in both halves and negative texts encoded after their prompts (or all-zero)."""
+        the rows. Otherwise each row is rated from its text states (`rates`; inside a call scope once
+        per text-state tensor, `CallScope.rates`), and the scales and transport settings of this forward
+        turn the rates into gates. With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative
+        rows, prompt rows], the latents repeated) gives each negative row the gate of its prompt row. It
+        is recognised by identical latents in both halves and negative texts encoded after their prompts
+        (or all-zero)."""
         call = self.call
         per_call = call.prompt_gates.rows(sample.shape[0]) if call is not None and call.prompt_gates else None
         if per_call is not None:
             return per_call
-        rated = self.rates(text) if self.transport.enabled and text is not None else None
+        if not self.transport.enabled or text is None:
+            return self.scales()
+        rated = call.rates(text) if call is not None else self.rates(text)
         if rated is None:
             return self.scales()
         rates, rows = rated

@@ -82,7 +82,8 @@ def _candidate_outputs(output: Any) -> list[torch.Tensor]:
 class TextEncoderHook(ModelHook):
     """Records what one text encoder produced, so the UNet's controller can rate every row it gets.
 
-    Keeps the last `capacity` distinct output rows (digests and token sets only, no tensors)."""
+    Keeps the last `capacity` distinct output rows (digests and token sets only, no tensors).
+    `generation` counts the encodings recorded, so rows traced earlier can be known to still hold."""
 
     def __init__(self, special_ids: Iterable[int], end_id: int, capacity: int = 4096) -> None:
         super().__init__()
@@ -94,6 +95,7 @@ class TextEncoderHook(ModelHook):
         self._rows: OrderedDict[bytes, EncodedText] = OrderedDict()
         self._widths: set[int] = set()
         self._lock = threading.Lock()
+        self.generation = 0
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self.module = module
@@ -122,6 +124,7 @@ class TextEncoderHook(ModelHook):
             texts.append((frozenset(row) - self.special_ids, end))
         last = torch.stack([o[:, -1, :].detach() for o in outputs]).cpu()  # one copy: [outputs, B, D]
         with self._lock:
+            self.generation += 1
             self._widths.add(last.shape[-1])
             for per_output in last:
                 for row, (tokens, end) in zip(per_output, texts):

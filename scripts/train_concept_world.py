@@ -173,6 +173,34 @@ class Ema:
             p.copy_(s)
 
 
+class TokenCache:
+    """Token ids of captions, padded to `length`, tokenized once each (the captions repeat)."""
+
+    def __init__(self, tokenizer, length: int) -> None:
+        self.tokenizer, self.length = tokenizer, length
+        self.ids: dict[str, torch.Tensor] = {}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in set(texts) if t not in self.ids]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.length, truncation=True,
+                                 return_tensors="pt").input_ids
+            self.ids.update(zip(missing, ids))
+        return torch.stack([self.ids[t] for t in texts])
+
+
+def sample_batch(latents: torch.Tensor, scenes: list, world: ConceptWorld, rng: np.random.Generator,
+                 args: argparse.Namespace) -> tuple[torch.Tensor, list[str]]:
+    """A training batch: latents from the pool and a random training-split caption of each (empty
+    with probability `uncond_prob`, for classifier-free guidance)."""
+    idx = rng.integers(len(latents), size=args.batch_size)
+    texts = [
+        "" if rng.random() < args.uncond_prob else world.sample_caption(scenes[i], rng, split="train", drop_prob=args.drop_prob).text
+        for i in idx
+    ]
+    return latents[idx], texts
+
+
 def train_diffusion(latents: torch.Tensor, scenes: list, world: ConceptWorld, args: argparse.Namespace, steps: int, seed: int, init=None):
     """Text encoder + UNet (from scratch, or from ``init``), epsilon loss with min-SNR weighting, CFG dropout, EMA."""
     torch.manual_seed(seed)
@@ -197,26 +225,14 @@ def train_diffusion(latents: torch.Tensor, scenes: list, world: ConceptWorld, ar
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     ema = Ema(params, args.ema_decay)
-    token_cache: dict[str, torch.Tensor] = {}
-
-    def tokens(texts: list[str]) -> torch.Tensor:
-        missing = [t for t in set(texts) if t not in token_cache]
-        if missing:
-            ids = tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            token_cache.update(zip(missing, ids))
-        return torch.stack([token_cache[t] for t in texts])
+    tokens = TokenCache(tokenizer, 77)
 
     unet.train()
     text_encoder.train()
     bar = tqdm(range(steps), desc="unet+text", mininterval=10)
     running = 0.0
     for step in bar:
-        idx = rng.integers(len(latents), size=args.batch_size)
-        texts = [
-            "" if rng.random() < args.uncond_prob else world.sample_caption(scenes[i], rng, split="train", drop_prob=args.drop_prob).text
-            for i in idx
-        ]
-        x0 = latents[idx]
+        x0, texts = sample_batch(latents, scenes, world, rng, args)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,))
         xt = noise_sched.add_noise(x0, noise, t)

@@ -46,7 +46,16 @@ from diffusers_spm.concept_world import model as cw_model
 from diffusers_spm.concept_world.judge import Judge, judge_accuracy
 from diffusers_spm.concept_world.metrics import generate_images
 from diffusers_spm.concept_world.world import ConceptWorld
-from train_concept_world import Ema, encode_pool, heldout_prompts, render_pool, save_grid, size_mb
+from train_concept_world import (
+    Ema,
+    TokenCache,
+    encode_pool,
+    heldout_prompts,
+    render_pool,
+    sample_batch,
+    save_grid,
+    size_mb,
+)
 
 logger = logging.getLogger("train_dit_concept_world")
 
@@ -201,14 +210,7 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
     with torch.no_grad():
         latents = encode_pool(vae, images) * vae.config.scaling_factor
     del images
-    token_cache: dict[str, torch.Tensor] = {}
-
-    def tokens(texts: list[str]) -> torch.Tensor:
-        missing = [t for t in set(texts) if t not in token_cache]
-        if missing:
-            ids = tokenizer(missing, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-            token_cache.update(zip(missing, ids))
-        return torch.stack([token_cache[t] for t in texts])
+    tokens = TokenCache(tokenizer, MAX_TOKENS)
 
     for module in (transformer, *encoders):
         module.train()
@@ -216,12 +218,7 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
     running = 0.0
     bar = tqdm(range(start, steps), desc="transformer+text", mininterval=30, initial=start, total=steps)
     for step in bar:
-        idx = rng.integers(len(latents), size=args.batch_size)
-        texts = [
-            "" if rng.random() < args.uncond_prob else world.sample_caption(scenes[i], rng, split="train", drop_prob=args.drop_prob).text
-            for i in idx
-        ]
-        x0 = latents[idx]
+        x0, texts = sample_batch(latents, scenes, world, rng, args)
         noise = torch.randn(x0.shape, generator=noise_rng)
         sigma = sample_sigmas(noise_rng, args.batch_size)
         xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise

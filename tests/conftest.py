@@ -91,11 +91,12 @@ def tiny_sdxl_pipeline(seed: int = 0, cls=StableDiffusionXLSPMPipeline):
 
 
 def recorded_gates(pipe) -> list[torch.Tensor]:
-    """The [rows, membranes] gates the membrane layers apply in each later UNet forward, read by a plain
+    """The [rows, membranes] gates the membrane layers apply in each later denoiser forward, read by a plain
     torch pre-hook on one adapted layer through the controller's public `current` (nothing patched)."""
     from diffusers_spm import MembraneController
+    from diffusers_spm.families import denoiser_of
 
-    controller = MembraneController.of(pipe.unet)
+    controller = MembraneController.of(denoiser_of(pipe))
     _, layer = next(iter(controller.targets.values()))
     seen: list[torch.Tensor] = []
 

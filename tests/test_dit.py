@@ -210,7 +210,8 @@ def test_save_writes_diffusers_layout_with_family_and_loads_back(dit, tmp_path):
 
 
 def test_prompt_embeds_route_rates_from_the_embeddings(dit, tmp_path):
-    """Without prompt strings, each row is rated by the cosine of its text states to the concept's."""
+    """Without prompt strings, `clipcos` rates each row by the cosine of its text states to the concept's
+    (SD3, Flux: rows traced through their pooled text, tests/test_dit_routes.py; Sana: the fallback)."""
     save_membrane(dit, ["snoopy"], tmp_path / "snoopy.safetensors")
     dit.load_spm(tmp_path / "snoopy.safetensors")
     dit.set_spm_transport(metric="clipcos")

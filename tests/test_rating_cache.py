@@ -34,9 +34,9 @@ def rating_calls(monkeypatch) -> list[torch.Tensor]:
     calls: list[torch.Tensor] = []
     rates = MembraneController.rates
 
-    def spy(self, text):
+    def spy(self, text, pooled=None):
         calls.append(text)
-        return rates(self, text)
+        return rates(self, text, pooled)
 
     monkeypatch.setattr(MembraneController, "rates", spy)
     return calls
@@ -44,7 +44,7 @@ def rating_calls(monkeypatch) -> list[torch.Tensor]:
 
 def without_cache(monkeypatch) -> None:
     """Every forward rates its text states again, as outside a call."""
-    monkeypatch.setattr(CallScope, "rates", lambda self, text: self.controller.rates(text))
+    monkeypatch.setattr(CallScope, "rates", lambda self, text, pooled=None: self.controller.rates(text, pooled))
 
 
 def run(pipe, **kwargs) -> np.ndarray:

@@ -5,9 +5,11 @@ every Linear/Conv2d inside each `Transformer2DModel`, the reference's rule). `Me
 is a diffusers `ModelHook` on the denoiser (UNet or transformer): it owns the loaded membranes'
 scales and the transport settings, and at each denoiser forward it computes the rows' gates from
 the text states (whose texts the text encoders' hooks recorded, `encodings.py`), so every route
-into the denoiser is gated alike. Families whose text states cannot be traced to their texts yet
-(`DenoiserFamily.rates_per_call`) are rated per pipeline call instead (`PromptGates`). Every
-layer's `MembraneLayerHook` reads the gates of the running forward. Per-forward and per-call
+into the denoiser is gated alike. Families whose text states cannot be traced to their texts
+(`DenoiserFamily.rates_per_call`) are rated per pipeline call from the prompt strings
+(`PromptGates`); on other routes their rows are traced through the pooled text the denoiser takes
+(SD3, Flux: `pooled_projections`), or, without one (Sana), rated by the cosine of their text
+states. Every layer's `MembraneLayerHook` reads the gates of the running forward. Per-forward and per-call
 state lives in context variables, so concurrent calls from several threads never see each
 other's gates.
 """
@@ -85,7 +87,7 @@ class PromptGates:
 
     Diffusers pipelines lay the batch out as [negative rows, prompt rows] under CFG, each prompt
     repeated `images_per_prompt` times; a batch of another size is rated row by row from its text
-    states (`MembraneController.rates`)."""
+    states and pooled text (`MembraneController.rates`)."""
 
     prompt_gates: torch.Tensor  # [P, N]
     negative_gates: torch.Tensor | None  # [P, N] with `cfg_rows="own"`, else the prompts' gates
@@ -103,7 +105,7 @@ class PromptGates:
             if self._rows[batch] is None:
                 logger.warning(
                     "Denoiser batch of %d rows does not match %d prompts x %d images (x2 with CFG); rating each "
-                    "row from its own text states instead.", batch, self.prompt_gates.shape[0], self.images_per_prompt
+                    "row from its own text instead.", batch, self.prompt_gates.shape[0], self.images_per_prompt
                 )
         return self._rows[batch]
 
@@ -119,27 +121,29 @@ class CallScope:
     controller: "MembraneController"
     prompt_gates: PromptGates | None = None
     merged: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
-    # id(text states) -> (the tensor, weakly; its stamp; its rates): a pipeline passes the same text
-    # states to every denoiser step, so they are traced and rated once per call, not once per step.
-    rated: dict[int, tuple[weakref.ref, tuple, Rated | None]] = field(default_factory=dict)
+    # ids of (text states, pooled text) -> (the tensors, weakly; their stamp; their rates): a pipeline passes
+    # the same tensors to every denoiser step, so they are traced and rated once per call, not once per step.
+    rated: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], tuple, Rated | None]] = field(default_factory=dict)
 
-    def rates(self, text: torch.Tensor) -> Rated | None:
-        """`MembraneController.rates(text)`, computed once per text-state tensor in this call.
+    def rates(self, text: torch.Tensor, pooled: torch.Tensor | None = None) -> Rated | None:
+        """`MembraneController.rates(text, pooled)`, computed once per pair of tensors in this call.
 
-        Reused only for the same tensor object, unchanged since (PyTorch's version counter, which
-        autograd also relies on, and its storage), rated under the same controller settings
+        Reused only for the same tensor objects, unchanged since (PyTorch's version counter, which
+        autograd also relies on, and their storage), rated under the same controller settings
         (`MembraneController.version`) and the same recorded encodings. Inference tensors keep no
         version counter, so they are rated at every forward."""
         controller = self.controller
-        if text.is_inference():
-            return controller.rates(text)
-        stamp = (text._version, text.data_ptr(), text.shape, text.stride(), text.dtype, text.device,
+        tensors = (text,) if pooled is None else (text, pooled)
+        if any(t.is_inference() for t in tensors):
+            return controller.rates(text, pooled)
+        stamp = (*((t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors),
                  controller.version, tuple((id(e), e.generation) for e in controller.encoders))
-        cached = self.rated.get(id(text))
-        if cached is not None and cached[0]() is text and cached[1] == stamp:
+        key = tuple(id(t) for t in tensors)
+        cached = self.rated.get(key)
+        if cached is not None and cached[1] == stamp and all(ref() is t for ref, t in zip(cached[0], tensors)):
             return cached[2]
-        rated = controller.rates(text)
-        self.rated[id(text)] = (weakref.ref(text), stamp, rated)
+        rated = controller.rates(text, pooled)
+        self.rated[key] = (tuple(weakref.ref(t) for t in tensors), stamp, rated)
         return rated
 
 
@@ -171,6 +175,7 @@ class MembraneController(ModelHook):
         self.adapters: dict[str, AdapterState] = {}
         self.fused: list[str] = []
         self.encoders: list[TextEncoderHook] = []
+        self.token_encoder: TextEncoderHook | None = None  # whose tokens families rated per call read
         self.version = 0  # bumped by every change that invalidates merged weights cached in a call
         self._transport = TransportConfig()
         self._enabled = True
@@ -400,13 +405,18 @@ class MembraneController(ModelHook):
         self._invalidate()
 
     # ------------------------------------------------------------------ text encoders
-    def observe_text_encoders(self, encoders: Sequence[tuple[nn.Module, Sequence[int], int]]) -> None:
+    def observe_text_encoders(self, encoders: Sequence[tuple[nn.Module, Sequence[int], int]],
+                              token_encoder: nn.Module | None = None) -> None:
         """Record every encoding of these text encoders ((encoder, special token ids, end-of-text id)
-        each), so that denoiser rows can be traced back to their texts. Idempotent."""
+        each), so that denoiser rows can be traced back to their texts. Idempotent.
+
+        `token_encoder`: the one of them whose tokens families rated per call read (`DenoiserFamily.token_encoder`)."""
         for encoder, special_ids, end_id in encoders:
             hook = observe(encoder, special_ids, end_id, id(self))
             if hook not in self.encoders:
                 self.encoders.append(hook)
+            if encoder is token_encoder:
+                self.token_encoder = hook
 
     def set_concepts(self, name: str, concepts: TextEncoding) -> None:
         """Store membrane `name`'s concepts, encoded as the pipeline encodes prompts (`DenoiserFamily.encode`).
@@ -445,13 +455,15 @@ class MembraneController(ModelHook):
             return None
         return states
 
-    def rates(self, text: torch.Tensor) -> Rated | None:
-        """[B, N] raw transport rates of each row of the denoiser's text states, and the rows' texts;
-        None without concept embeddings.
+    def rates(self, text: torch.Tensor, pooled: torch.Tensor | None = None) -> Rated | None:
+        """[B, N] raw transport rates of each row of the denoiser's text states (and pooled text, which
+        families rated per call are traced by), and the rows' texts; None without concept embeddings.
 
-        Every denoiser forward uses it, and `get_spm_transport_rates` on hooked families. Rows no
-        observed text encoder produced (every row of a family rated per call that reaches the
-        denoiser outside a pipeline call) are rated by the flattened cosine alone (warned once)."""
+        Every denoiser forward uses it outside a call's per-prompt gates, and `get_spm_transport_rates`
+        on hooked families. Rows traced through their pooled text are scored as the per-call route
+        scores prompt strings (`TransportScorer.pooled_scores`). Rows no observed text encoder produced
+        (embeddings made elsewhere; on Sana, every row outside a pipeline call) are rated by the
+        flattened cosine alone (warned once)."""
         states = self._rated_states()
         if states is None:
             return None
@@ -459,19 +471,33 @@ class MembraneController(ModelHook):
         if concept_embeds.shape[1:] != text.shape[1:]:
             self._warn_once("shape", "Text embeddings of this call do not match the concepts' shape; using fixed gates.")
             return None
-        rows = describe(text, self.encoders) if self.encoders else [None] * text.shape[0]
+        rows = self._texts(text, pooled)
         if any(row is None for row in rows):
             self._warn_once(
                 "unknown-text",
                 "Some text embeddings reaching the denoiser were not produced by the pipeline's text encoders "
                 "(observed ones), so their tokens are unknown; those rows are rated by the embedding cosine alone. Encode "
-                "prompts with `pipe.encode_prompt(...)` (or, for families rated per call, pass prompt strings) for "
-                "the full transport metric.",
+                "prompts with `pipe.encode_prompt(...)` (on Sana, pass prompt strings) for the full transport metric.",
             )
         scorer = TransportScorer(self.transport.metric)
-        concept_rows = [r for s in states for r in s.concept_rows] if self.encoders else []
-        scores = scorer.concept_scores(text, rows, concept_embeds, concept_rows)
+        if self.family.rates_per_call:
+            concepts = TextEncoding.concatenate([s.concept_text for s in states])
+            scores = scorer.pooled_scores(text, pooled, rows, concepts, self.token_encoder)
+        else:
+            concept_rows = [r for s in states for r in s.concept_rows] if self.encoders else []
+            scores = scorer.concept_scores(text, rows, concept_embeds, concept_rows)
         return scorer.membrane_rates(scores, [len(s.membrane.concepts) for s in states]), rows
+
+    def _texts(self, text: torch.Tensor, pooled: torch.Tensor | None) -> list[TextRow | None]:
+        """The texts each row came from (None where unknown): hooked families trace the text states,
+        families rated per call the pooled text, through the observed encoders."""
+        if not self.family.rates_per_call:
+            traced = text
+        else:  # scored on the token encoder's tokens, so traced only once it is known
+            traced = pooled if self.token_encoder is not None else None
+        if traced is None or not self.encoders:
+            return [None] * text.shape[0]
+        return describe(traced, self.encoders)
 
     def text_rates(self, texts: TextEncoding, token_table: torch.Tensor | None) -> torch.Tensor | None:
         """[P, N] raw rates of texts a family encoded itself: the per-call route of families rated per
@@ -484,13 +510,14 @@ class MembraneController(ModelHook):
         scores = scorer.encoding_scores(texts, concepts, token_table)
         return scorer.membrane_rates(scores, [len(s.membrane.concepts) for s in states])
 
-    def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    def row_gates(self, sample: torch.Tensor, text: torch.Tensor | None,
+                  pooled: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N] or [N] gates of one denoiser forward.
 
         Inside a pipeline call of a family rated per call, the call's per-prompt gates, laid out on
-        the rows. Otherwise each row is rated from its text states (`rates`; inside a call scope once
-        per text-state tensor, `CallScope.rates`), and the scales and transport settings of this forward
-        turn the rates into gates. With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative
+        the rows. Otherwise each row is rated from its text states and pooled text (`rates`; inside a
+        call scope once per pair of tensors, `CallScope.rates`), and the scales and transport settings
+        of this forward turn the rates into gates. With `cfg_rows="paired"`, a CFG batch (diffusers' layout: [negative
         rows, prompt rows], the latents repeated) gives each negative row the gate of its prompt row. It
         is recognised by identical latents in both halves and negative texts encoded after their prompts
         (or all-zero)."""
@@ -500,7 +527,7 @@ class MembraneController(ModelHook):
             return per_call
         if not self.transport.enabled or text is None:
             return self.scales()
-        rated = call.rates(text) if call is not None else self.rates(text)
+        rated = call.rates(text, pooled) if call is not None else self.rates(text, pooled)
         if rated is None:
             return self.scales()
         rates, rows = rated
@@ -557,7 +584,8 @@ class MembraneController(ModelHook):
     def _forward_gates(self, *args: Any, **kwargs: Any) -> ForwardGates:
         sample = self.family.batch_argument.read(args, kwargs)
         text = self.family.text_argument.read(args, kwargs)
-        gates = self.row_gates(sample, text)
+        pooled = self.family.pooled_argument.read(args, kwargs) if self.family.pooled_argument else None
+        gates = self.row_gates(sample, text, pooled)
         if gates.dim() == 2 and bool((gates == gates[:1]).all()):
             gates = gates[0]
         if not bool(gates.any()):
@@ -597,7 +625,7 @@ class MembraneController(ModelHook):
             detach_bank(base)
         for hook in self.encoders:
             unobserve(hook, id(self))
-        self.encoders = []
+        self.encoders, self.token_encoder = [], None
         remove_hook(self.unet, CONTROLLER_HOOK)
 
 

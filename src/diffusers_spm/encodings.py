@@ -1,12 +1,14 @@
-"""Which text produced each row of the UNet's `encoder_hidden_states`, whatever route it took.
+"""Which text produced each row of a denoiser's text inputs, whatever route it took.
 
 A `TextEncoderHook` (a diffusers `ModelHook` on each text encoder) records, for every encoding,
-the token ids of each text and a digest of each output row. Pipelines hand the UNet those rows
-unchanged (repeated for `num_images_per_prompt`, stacked under CFG, and for SDXL two encoders'
-outputs concatenated along the feature axis), so `describe` can tell, row by row and bit for
-bit, which texts a row came from: through `pipe(...)`, `prompt_embeds`, `AutoPipeline` or a
-hand-written loop alike. The digest is taken at the last sequence position, which a causal text
-encoder computes from every token of the text.
+the token ids of each text and a digest of each output row. Pipelines hand the denoiser those rows
+unchanged (repeated for `num_images_per_prompt`, stacked under CFG, and several encoders' outputs
+concatenated along the feature axis), so `describe` can tell, row by row and bit for bit, which
+texts a row came from: through `pipe(...)`, `prompt_embeds`, `AutoPipeline` or a hand-written
+loop alike. Two kinds of rows are recorded, both computed by a causal text encoder from every
+token of the text: each sequence output at its last position (the UNet's `encoder_hidden_states`:
+CLIP states, SDXL's two side by side) and each pooled output (`pooler_output`, `text_embeds`:
+the `pooled_projections` of SD3, CLIP-L and CLIP-G side by side, and of Flux, CLIP-L alone).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class EncodedText:
 
 @dataclass(frozen=True)
 class TextRow:
-    """The texts one row of `encoder_hidden_states` came from, one per encoder in feature order.
+    """The texts one row of text states (or of pooled outputs) came from, one per encoder in feature order.
 
     No parts: an all-zero row (SDXL's unconditional row without a negative prompt)."""
 
@@ -65,22 +67,19 @@ def _digest(row: torch.Tensor) -> bytes:
     return hashlib.blake2b(row.contiguous().view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
 
 
-def _candidate_outputs(output: Any) -> list[torch.Tensor]:
-    """Every [B, L, D] tensor a pipeline may take from an encoder's output (last or a hidden layer)."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.dim() == 3 else []
-    values = output.values() if hasattr(output, "values") else output
-    found = []
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.dim() == 3:
-            found.append(value)
-        elif isinstance(value, (tuple, list)):
-            found.extend(v for v in value if isinstance(v, torch.Tensor) and v.dim() == 3)
-    return found
+def _candidate_rows(output: Any, ids: torch.Tensor) -> list[torch.Tensor]:
+    """[B, D] rows of every tensor a pipeline may take from an encoder's output for `ids` [B, L]: each
+    [B, L, D] sequence (last or a hidden layer) at its last position, and each [B, D] pooled output."""
+    values = [output] if isinstance(output, torch.Tensor) else list(
+        output.values() if hasattr(output, "values") else output)
+    tensors = [t for value in values for t in (value if isinstance(value, (tuple, list)) else (value,))
+               if isinstance(t, torch.Tensor)]
+    return ([t[:, -1, :] for t in tensors if t.dim() == 3 and t.shape[:2] == ids.shape]
+            + [t for t in tensors if t.dim() == 2 and t.shape[0] == ids.shape[0]])
 
 
 class TextEncoderHook(ModelHook):
-    """Records what one text encoder produced, so the UNet's controller can rate every row it gets.
+    """Records what one text encoder produced, so the denoiser's controller can rate every row it gets.
 
     Keeps the last `capacity` distinct output rows (digests and token sets only, no tensors).
     `generation` counts the encodings recorded, so rows traced earlier can be known to still hold."""
@@ -109,12 +108,12 @@ class TextEncoderHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None:
-            self.record(ids, _candidate_outputs(output))
+            self.record(ids, _candidate_rows(output, ids))
         return output
 
     @torch.no_grad()
     def record(self, ids: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
-        outputs = [o for o in outputs if o.shape[:2] == ids.shape]
+        """Key every row of `outputs` (each [B, D], one per text of `ids` [B, L]) to its text."""
         if not outputs:
             return
         encoding = next(_encodings)
@@ -122,11 +121,12 @@ class TextEncoderHook(ModelHook):
         for row in ids.tolist():
             end = row.index(self.end_id) if self.end_id in row else len(row) - 1
             texts.append((frozenset(row) - self.special_ids, end))
-        last = torch.stack([o[:, -1, :].detach() for o in outputs]).cpu()  # one copy: [outputs, B, D]
+        widths = [o.shape[-1] for o in outputs]
+        rows = torch.cat([o.detach() for o in outputs], dim=1).cpu()  # one copy: [B, sum of widths]
         with self._lock:
             self.generation += 1
-            self._widths.add(last.shape[-1])
-            for per_output in last:
+            self._widths.update(widths)
+            for per_output in rows.split(widths, dim=1):
                 for row, (tokens, end) in zip(per_output, texts):
                     key = _digest(row)
                     previous = self._rows.pop(key, None)
@@ -161,9 +161,10 @@ def unobserve(hook: TextEncoderHook, user: int) -> None:
 
 
 def describe(text: torch.Tensor, encoders: Sequence[TextEncoderHook]) -> list[TextRow | None]:
-    """For each row of `text` [B, L, D], the texts it came from; None where no observed encoder
-    produced it (embeddings made some other way)."""
-    last = text[:, -1, :].detach().cpu()
+    """For each row of `text`, the texts it came from; None where no observed encoder produced it
+    (embeddings made some other way). `text`: [B, L, D] sequences, read at their last position, or
+    [B, D] pooled outputs."""
+    last = (text[:, -1, :] if text.dim() == 3 else text).detach().cpu()
     zero = (text.detach() == 0).flatten(1).all(1).tolist()
     widths = sorted({w for e in encoders for w in e.widths()}, reverse=True)
     rows: list[TextRow | None] = []

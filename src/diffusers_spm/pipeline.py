@@ -4,8 +4,10 @@ The mixin loads membranes into the denoiser's `MembraneController`, puts recordi
 text encoders (so the controller can trace each row of the denoiser's text states to its tokens)
 and opens a call scope per pipeline call (merged weights live in it); the gates themselves are
 computed on the denoiser side, so every route into the denoiser gets the same ones. Families whose
-text states cannot be traced yet (`DenoiserFamily.rates_per_call`: the diffusion transformers) are
-rated from the call's prompt strings instead, laid out on the rows by the controller. It works on
+text states cannot be traced (`DenoiserFamily.rates_per_call`: the diffusion transformers) are
+rated from the call's prompt strings instead, laid out on the rows by the controller; on routes
+without prompt strings (`prompt_embeds`, AutoPipeline, a hand-written loop) SD3's and Flux's rows
+are traced through their pooled text, which the CLIP encoders' hooks record. It works on
 any pipeline whose denoiser a registered family describes (`diffusers_spm.families`: SD 1.x/2.x/XL
 UNets, SD3/3.5, Flux.1, Sana), with the text encoders, tokenizer and `encode_prompt` it reads.
 """
@@ -239,12 +241,14 @@ class SPMPipelineMixin:
             return super().__call__(*args, **kwargs)
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
-        """The pipeline's own `encode_prompt`, with its text encoders observed (see `encodings.py`)."""
+        """The pipeline's own `encode_prompt`, with its family's text encoders observed (see `encodings.py`)."""
         controller = MembraneController.of(self._spm_denoiser)
-        if controller is not None and not controller.family.rates_per_call:
+        if controller is not None:
+            family = controller.family
             controller.observe_text_encoders(
                 [(encoder, tokenizer.all_special_ids, tokenizer.eos_token_id)
-                 for encoder, tokenizer in controller.family.text_encoders(self)]
+                 for encoder, tokenizer in family.text_encoders(self)],
+                token_encoder=family.token_encoder(self),
             )
         return super().encode_prompt(*args, **kwargs)
 

@@ -22,6 +22,10 @@ encoder's token-embedding table.
 
 With several text encoders (SDXL), token terms compare each encoder's text with the concept as
 that encoder saw it and take the best, so a concept named only in `prompt_2` counts.
+
+Families rated per call (SD3, Flux, Sana) define each term on their own encoders (`DenoiserFamily.encode`,
+`encoding_scores`); SD3's and Flux's rows that reach the denoiser outside a pipeline call's gates are
+traced through their pooled text and scored the same way (`pooled_scores`).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 
+from .families.base import TextEncoding
+
 if TYPE_CHECKING:
-    from .encodings import TextRow
-    from .families import TextEncoding
+    from .encodings import TextEncoderHook, TextRow
 
 Metric = Literal["clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim"]
 METRICS: tuple[str, ...] = ("clipcos", "tokenuni", "clipcos_tokenuni", "eoscos", "eoscos_tokenuni", "tokensim")
@@ -138,25 +143,52 @@ class TransportScorer:
         concept_embeds: torch.Tensor,
         concept_rows: Sequence[TextRow],
     ) -> torch.Tensor:
-        """[P, C]. A prompt row whose text is unknown (None: no observed text encoder produced it)
-        is scored by the flattened cosine alone, whatever the metric."""
+        """[P, C] of text states traced to their texts (`encodings.describe`). A prompt row whose text is
+        unknown (None: no observed text encoder produced it) is scored by the flattened cosine alone,
+        whatever the metric."""
+        return self._known_or_cosine(prompt_embeds, prompt_rows, concept_embeds, lambda known: self._text_scores(
+            prompt_embeds[known], [prompt_rows[i] for i in known], concept_embeds, concept_rows))
+
+    def pooled_scores(self, prompt_embeds: torch.Tensor, prompt_pooled: torch.Tensor | None,
+                      prompt_rows: Sequence[TextRow | None], concepts: TextEncoding,
+                      token_encoder: TextEncoderHook | None) -> torch.Tensor:
+        """[P, C] of text states [P, L, D] whose pooled texts [P, D'] were traced to their texts (families
+        rated per call, outside a call's gates): scored as `encoding_scores` scores the texts the family
+        encodes itself, with the tokens `token_encoder` saw, so both routes rate a prompt alike. Rows
+        of unknown text get the flattened cosine alone, as in `concept_scores`; the pooled texts and
+        the token encoder are read only where some row is known."""
+        def known_scores(known: list[int]) -> torch.Tensor:
+            tokens = [prompt_rows[i].tokens().get(token_encoder, frozenset()) for i in known]
+            texts = TextEncoding(prompt_embeds[known], tokens, prompt_pooled[known].unsqueeze(1))
+            return self.encoding_scores(texts, concepts, token_encoder.token_table())
+
+        return self._known_or_cosine(prompt_embeds, prompt_rows, concepts.embeds, known_scores)
+
+    @staticmethod
+    def _known_or_cosine(prompt_embeds: torch.Tensor, prompt_rows: Sequence[TextRow | None],
+                         concept_embeds: torch.Tensor, known_scores: Callable[[list[int]], torch.Tensor]
+                         ) -> torch.Tensor:
+        """[P, C]: `known_scores` of the rows whose texts are known, the flattened cosine of the others."""
         scores = clipcos(prompt_embeds, concept_embeds).cpu()
         known = [i for i, row in enumerate(prompt_rows) if row is not None]
         if known:
-            rows = [prompt_rows[i] for i in known]
-            scores[known] = self._text_scores(prompt_embeds[known], rows, concept_embeds, concept_rows)
+            scores[known] = known_scores(known)
         return scores
 
     def encoding_scores(self, prompts: TextEncoding, concepts: TextEncoding,
                         token_table: torch.Tensor | None) -> torch.Tensor:
         """[P, C] for texts a family encoded and summarised itself (families rated per call): `eoscos`
-        reads the family's end-of-text summaries, the token terms its tokenizer's token sets."""
+        reads the family's end-of-text summaries, the token terms its tokenizer's token sets.
+
+        Each text is scored on its own, so its rate does not depend on the texts batched beside it, to
+        the last bit: the per-call route rates a call's prompts, the traced route (`pooled_scores`) the
+        denoiser's rows, negative rows included."""
         summary = self.metric.startswith("eoscos")
-        return self._combined(
-            prompts.pooled if summary else prompts.embeds,
+        return torch.cat([self._combined(
+            text.pooled if summary else text.embeds,
             concepts.pooled if summary else concepts.embeds,
-            lambda: self._overlap(prompts.tokens, concepts.tokens, lambda: token_table),
-        )
+            lambda: self._overlap(text.tokens, concepts.tokens, lambda: token_table),
+        ) for text in prompts.each()])
 
     def _text_scores(self, prompt_embeds: torch.Tensor, prompt_rows: Sequence[TextRow], concept_embeds: torch.Tensor,
                      concept_rows: Sequence[TextRow]) -> torch.Tensor:

@@ -8,10 +8,11 @@ A family answers four questions, each in one place:
   (for the cosine metrics), a pooled end-of-text embedding (for `eoscos`), token-id sets of one
   tokenizer (for `tokenuni`, `tokensim`) and that tokenizer's input-embedding table (`tokensim`);
 - **how denoiser batch rows map to prompts** (`row_layout`);
-- **which arguments of the denoiser's forward** hold the batch and the text states;
-- **how the rate reaches each row** (`rates_per_call`): from the text encoders' hooks
-  (`encodings.py`), which trace each row of the text states back to its texts on every route, or,
-  where the text states cannot be traced yet, per pipeline call from the prompt strings.
+- **which arguments of the denoiser's forward** hold the batch, the text states and the pooled text;
+- **how the rate reaches each row** (`rates_per_call`, `observed_encoders`): from the text encoders'
+  hooks (`encodings.py`), which trace each row of the text states back to its texts on every route,
+  or, where the text states cannot be traced, per pipeline call from the prompt strings, and on
+  other routes through the pooled text where the denoiser takes one.
 
 For training (`diffusers_spm.training`, which asks but is never imported here), a family also says
 what its denoiser predicts (`prediction_type`), how a prompt becomes its conditioning
@@ -61,6 +62,11 @@ class TextEncoding(NamedTuple):
         return cls(torch.cat([e.embeds for e in encodings]), [t for e in encodings for t in e.tokens],
                    torch.cat([e.pooled for e in encodings]))
 
+    def each(self) -> list["TextEncoding"]:
+        """Each text as an encoding of its own."""
+        return [TextEncoding(self.embeds[i:i + 1], self.tokens[i:i + 1], self.pooled[i:i + 1])
+                for i in range(len(self.tokens))]
+
 
 @dataclass(frozen=True)
 class ForwardArgument:
@@ -83,15 +89,22 @@ class DenoiserFamily:
     denoiser_classes: ClassVar[tuple[type[nn.Module], ...]]
     denoiser_attribute: ClassVar[str] = "transformer"  # the pipeline component that holds the denoiser
     row_layout: ClassVar[RowLayout] = RowLayout.CFG_BATCH
-    # True: the SPM pipeline rates each call's prompt strings (`encode`) and lays the gates on the rows
-    # (`controller.PromptGates`); other routes into the denoiser (`prompt_embeds`, a hand-written loop) get the
-    # cosine of their text states. False: text-encoder hooks let the denoiser rate every row itself.
-    # The diffusion transformers are rated per call until their text states can be traced: SD3 joins CLIP
-    # and T5 along the sequence axis, Flux's summary (pooled CLIP-L) is not in its text states, and Sana's
-    # encoding carries the instruction preamble's tokens (docs/transport.md, "How the rate is computed").
+    # False: text-encoder hooks trace every row of the text states to its texts, so the denoiser rates each
+    # row itself. True: the text states cannot be traced (SD3 joins CLIP and T5 along the sequence axis,
+    # Flux's are T5's alone, Sana's encoding carries the instruction preamble's tokens), so the SPM pipeline
+    # rates each call's prompt strings (`encode`) and lays the gates on the rows (`controller.PromptGates`);
+    # other routes into the denoiser (`prompt_embeds`, a hand-written loop) are traced through the pooled
+    # text (`pooled_argument`) and scored as `encode` reads texts, or, without one (Sana), get the cosine of
+    # their text states (docs/transport.md, "How the rate is computed").
     rates_per_call: ClassVar[bool] = True
     batch_argument: ClassVar[ForwardArgument] = ForwardArgument("hidden_states", 0)
     text_argument: ClassVar[ForwardArgument] = ForwardArgument("encoder_hidden_states", 1)
+    # The pooled text the denoiser takes (SD3, Flux: `pooled_projections`, the CLIP encoders' pooled
+    # outputs), by which families rated per call trace their rows; None where it takes none.
+    pooled_argument: ClassVar[ForwardArgument | None] = None
+    # The pipeline components whose encodings the hooks record (`text_encoders`): those the traced rows
+    # are made of (UNets: the states' CLIP encoders; SD3, Flux: the pooled text's), none where nothing is traced.
+    observed_encoders: ClassVar[tuple[str, ...]] = ()
     # Attributes of the denoiser holding its lists of transformer blocks; layers inside carry membranes.
     block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     # Layers inside a block that do not: AdaLN modulation (`norm*.linear`), decided per block-relative path.
@@ -187,12 +200,11 @@ class DenoiserFamily:
         raise NotImplementedError
 
     def text_encoders(self, pipe: Any) -> list[tuple[nn.Module, Any]]:
-        """(text encoder, its tokenizer) pairs whose encodings the denoiser's text states are made of:
-        every `text_encoder*` component with its `tokenizer*` (observed by hooked families)."""
+        """(text encoder, its tokenizer) for each of `observed_encoders` the pipeline has, to observe."""
         components = pipe.components
-        return [(encoder, components[name.replace("text_encoder", "tokenizer")]) for name, encoder in components.items()
-                if name.startswith("text_encoder") and encoder is not None
-                and components.get(name.replace("text_encoder", "tokenizer")) is not None]
+        pairs = [(components.get(name), components.get(name.replace("text_encoder", "tokenizer")))
+                 for name in self.observed_encoders]
+        return [(encoder, tokenizer) for encoder, tokenizer in pairs if encoder is not None and tokenizer is not None]
 
     def token_sets(self, pipe: Any, texts: list[str]) -> tuple[list[set[int]], list[int]]:
         """Token ids of `pipe.tokenizer` without special tokens, and each text's end-of-text position."""
@@ -201,9 +213,13 @@ class DenoiserFamily:
         special, end = set(tokenizer.all_special_ids), tokenizer.eos_token_id
         return [set(row) - special for row in ids], [row.index(end) if end in row else len(row) - 1 for row in ids]
 
+    def token_encoder(self, pipe: Any) -> nn.Module:
+        """The text encoder of `pipe.tokenizer`, whose tokens `token_sets` gives."""
+        return pipe.text_encoder
+
     def token_embeddings(self, pipe: Any) -> torch.Tensor:
         """The input-embedding table of the encoder whose tokens `token_sets` gives (`tokensim`)."""
-        return pipe.text_encoder.get_input_embeddings().weight
+        return self.token_encoder(pipe).get_input_embeddings().weight
 
     # ------------------------------------------------------------------ training
     # The defaults are the flow-matching transformers' (SD3, Flux); docs/training.md, "Prediction spaces, per family".

@@ -8,8 +8,9 @@ and both feed-forwards; in each single-stream block, `attn.to_q/k/v`, `proj_mlp`
 
 Transport: the T5 sequence is what the transformer receives as `encoder_hidden_states`
 (`clipcos`); the pooled CLIP-L output, which is its end-of-text state, serves `eoscos`. Tokens:
-the CLIP tokenizer. Rows: Flux-dev is guidance-distilled (no negative rows); with `true_cfg_scale`
-the negative prompt runs as a second call of the same size.
+the CLIP tokenizer. Outside the per-call route, rows are traced to their texts through that pooled
+output (`pooled_projections`), which the CLIP-L hook records. Rows: Flux-dev is guidance-distilled
+(no negative rows); with `true_cfg_scale` the negative prompt runs as a second call of the same size.
 
 Training: flow matching (velocity); latents are packed 2x2 inside `predict`, so the trainer sees
 [B, C, h, w] as for every family. Flux-dev's partial denoising is one call with the guidance
@@ -27,7 +28,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from torch import nn
 
-from .base import DenoiserFamily, RowLayout
+from .base import DenoiserFamily, ForwardArgument, RowLayout
 from .original_keys import FusedKey, OriginalKeyFamily
 
 _QKV = ("to_q", "to_k", "to_v")
@@ -40,6 +41,8 @@ class FluxFamily(OriginalKeyFamily, DenoiserFamily):
     row_layout = RowLayout.CFG_CALLS
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     path_signature = re.compile(r"^single_transformer_blocks[._]")
+    pooled_argument = ForwardArgument("pooled_projections", 2)
+    observed_encoders = ("text_encoder",)  # CLIP-L, whose pooled output it takes
 
     def architecture(self, denoiser: nn.Module) -> str:
         config = denoiser.config

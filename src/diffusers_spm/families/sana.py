@@ -10,6 +10,8 @@ Transport: `encode_prompt` gives the Gemma-2 states the transformer receives (`c
 the pipeline's `complex_human_instruction` preamble, for prompts and concepts alike); Gemma is
 causal, so its output at the last real token summarises the text (`eoscos`). Tokens: the Gemma
 tokenizer and its input embeddings (`tokensim`). CFG runs in one batch, `[negative, prompt]`.
+The transformer takes no pooled text to trace rows by, so outside the per-call route (`prompt_embeds`,
+a hand-written loop) each row is rated by the cosine of its text states.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ and `attn2.*` on SD3.5's dual-attention blocks) and on the text stream (`attn.ad
 Transport: `encode_prompt` gives the joint text states (CLIP-L and CLIP-G side by side, then T5,
 which is zeros when `text_encoder_3=None`) and the pooled CLIP-L + CLIP-G projection, which is each
 CLIP's end-of-text output, so `eoscos` reads it directly. Tokens: the CLIP tokenizer. CFG runs in
-one batch, `[negative rows, prompt rows]`.
+one batch, `[negative rows, prompt rows]`. Outside the per-call route, rows are traced to their texts
+through that pooled projection (`pooled_projections`), which the CLIP encoders' hooks record.
 
 Training: flow matching (velocity), the pipeline's `encode_prompt`, one forward per call; CFG pairs in
 the partial denoising, as the pipeline samples.
@@ -23,7 +24,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import nn
 
-from .base import DenoiserFamily
+from .base import DenoiserFamily, ForwardArgument
 from .original_keys import FusedKey, OriginalKeyFamily
 
 _IMAGE, _TEXT = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
@@ -34,6 +35,8 @@ class SD3Family(OriginalKeyFamily, DenoiserFamily):
     label = "Stable Diffusion 3 / 3.5 (SD3Transformer2DModel)"
     denoiser_classes = (SD3Transformer2DModel,)
     path_signature = re.compile(r"^transformer_blocks[._]\d+[._](attn2|ff_context|attn[._]add_q_proj)")
+    pooled_argument = ForwardArgument("pooled_projections", 2)
+    observed_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L and CLIP-G, whose pooled outputs it joins
 
     def architecture(self, denoiser: nn.Module) -> str:
         dual = bool(getattr(denoiser.config, "dual_attention_layers", ()))

@@ -31,6 +31,7 @@ class UNetFamily(DenoiserFamily):
     path_signature = re.compile(r"^(down_blocks|mid_block|up_blocks)[._]")
     file_layout = "reference"  # the reference SPM layout (kohya names), which SD-WebUI reads too
     rates_per_call = False  # CLIP rows (SDXL: two side by side) are traced to their texts by the hooks
+    observed_encoders = ("text_encoder", "text_encoder_2")
 
     def blocks(self, denoiser: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for path, module in denoiser.named_modules():

@@ -258,7 +258,7 @@ def train(args: argparse.Namespace, world: ConceptWorld) -> None:
     assemble(transformer, encoders, vae, tokenizer).save_config(out)
     recorded = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     if args.resume_steps:
-        stats["resumes"] = [*stats.get("resumes", []), {k: recorded[k] for k in ("resume_steps", "lr", "ema_decay", "full_rows_steps")}]
+        stats["resumes"] = [*stats.get("resumes", []), {k: recorded[k] for k in ("resume_steps", "lr", "ema_decay", "full_rows_steps", "threads")}]
         stats["timings_s"]["resumed_diffusion"] = round(stats["timings_s"].get("resumed_diffusion", 0) + elapsed, 1)
         stats["final_loss"] = running
     else:
@@ -306,6 +306,12 @@ def reproducing_command(recorded: dict) -> str:
     return " ".join(["HF_HUB_OFFLINE=1 python scripts/train_dit_concept_world.py", *flags])
 
 
+def resume_threads(resume: dict) -> str:
+    """The `--threads` flag of a recorded resume, if it was not the default 1 (results depend on it)."""
+    threads = resume.get("threads", 1)
+    return "" if threads == 1 else f" --threads {threads}"
+
+
 def stored_parameters(directory: Path) -> int:
     """Parameters in a component folder's safetensors files (read from their headers)."""
     from safetensors import safe_open
@@ -335,7 +341,8 @@ def write_model_card(out: Path, world: ConceptWorld) -> Path:
     met = "met" if g["joint"] >= 0.9 else "**not met**"
     resumed = "".join(
         f"\n   Then `HF_HUB_OFFLINE=1 python scripts/train_dit_concept_world.py --resume-steps {r['resume_steps']} --lr {r['lr']:g} "
-        f"--ema-decay {r['ema_decay']:g} --full-rows-steps {r['full_rows_steps']}` continued it (fresh warm-up, cosine and EMA)."
+        f"--ema-decay {r['ema_decay']:g} --full-rows-steps {r['full_rows_steps']}{resume_threads(r)}` continued it "
+        "(fresh warm-up, cosine and EMA)."
         for r in stats.get("resumes", []))
     continued = f" continued training {t['resumed_diffusion'] / 60:.1f} min," if "resumed_diffusion" in t else ""
     quick = "\n**A `--quick` smoke run: untrained, for development only.**\n" if a.get("quick") else ""

@@ -18,9 +18,13 @@ with random weights and 2 layers, since rating reads their outputs, not their de
 states of the family's shape and synthetic token sets), and every denoiser forward computes its
 gates through `MembraneController.row_gates`. Configurations, for N membranes:
 
-- `spm single prompt, pipeline call (stacked)`: the default route. One prompt under CFG: rows share
-  gates, each layer adds `U (G * D x)`. Inside the call's scope, as `pipe(...)` opens it: UNets trace
-  and rate the text states once per call (`CallScope.rates`), DiTs lay the per-call gates on the rows;
+- `spm single prompt, pipeline call (auto, default)`: the default route. One prompt under CFG: rows
+  share gates, and each layer runs the cheaper of the stacked form `W x + U (G * D x)` and one op on a
+  transient `W + sum g_i dW_i` (`set_spm_memory("auto")`). Inside the call's scope, as `pipe(...)`
+  opens it: UNets trace and rate the text states once per call (`CallScope.rates`), DiTs lay the
+  per-call gates on the rows;
+- `spm single prompt, pipeline call (stacked)`: the same with `set_spm_memory("stacked")`: every
+  layer adds `U (G * D x)`, no weight is copied;
 - `rating saved per forward`: the same forward outside any call scope (a hand-written loop on the
   denoiser: UNets trace and rate the text rows at every forward, DiTs rate them by the flattened
   cosine) timed against the pipeline call's, side by side;
@@ -35,7 +39,7 @@ Peak memory over the plain denoiser, per SPM configuration: on CUDA `max_memory_
 the peak of the allocations PyTorch's profiler records during one step (`profile_memory`), each over
 the same measure of a plain step; beside it the bound (largest adapted layer + the membranes).
 
-`--skip merged peft reference` leaves configurations out; `--text-tokens` shortens a DiT's text
+`--skip stacked merged peft reference` leaves configurations out; `--text-tokens` shortens a DiT's text
 states (Flux's `max_sequence_length`) for a quicker CPU run.
 
     python benchmarks/inference_overhead.py --family flux [--latent 32] [--repeats 3] [--device cpu] [--dtype fp32]
@@ -228,7 +232,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time steps by the wall clock or by the process's CPU time (a shared CPU, one thread)")
-    parser.add_argument("--skip", nargs="+", default=[], choices=("merged", "peft", "reference"),
+    parser.add_argument("--skip", nargs="+", default=[], choices=("stacked", "merged", "peft", "reference"),
                         help="configurations to leave out")
     parser.add_argument("--text-tokens", type=int, help="DiTs: text-state length (default: the family's, 333 / 512)")
     args = parser.parse_args()
@@ -282,22 +286,29 @@ def main() -> None:
             plain_peak = peak_bytes(plain_single, device)
             results["plain against plain (the noise floor)"] = timer.paired(plain_single, plain_single, args.repeats)
             with controller.call_scope(single_gates):
-                results["spm single prompt, pipeline call (stacked)"] = timer.paired(single, plain_single, args.repeats)
-                peaks.append((n, "stacked, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
+                results["spm single prompt, pipeline call (auto, default)"] = timer.paired(single, plain_single, args.repeats)
+                peaks.append((n, "auto, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
                 results["rating saved per forward: rated every forward / pipeline call"] = timer.paired(
                     outside_call, single, args.repeats)
             rating = statistics.median(timer.seconds(lambda: controller.rates(single_text)) for _ in range(5))
             seconds_rows.append(("rating the text states once (s)", rating))
 
+            if "stacked" not in args.skip:
+                controller.set_memory("stacked")
+                with controller.call_scope(single_gates):
+                    results["spm single prompt, pipeline call (stacked)"] = timer.paired(single, plain_single, args.repeats)
+                    peaks.append((n, "stacked, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
+                controller.set_memory("auto")
+
             if "merged" not in args.skip:
-                controller.set_merge_per_call(True)
+                controller.set_memory("merged")
                 with controller.call_scope(single_gates):
                     first_step = timer.seconds(single)  # the merge happens here, once per call
                     merged = results["spm single prompt, pipeline call (merged)"] = timer.paired(
                         single, plain_single, args.repeats)
                 with controller.call_scope(single_gates):
                     peaks.append((n, "merged, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
-                controller.set_merge_per_call(False)
+                controller.set_memory("auto")
                 seconds_rows.append(("merge cost per call (s)", first_step - merged.seconds))
 
             plain_peak = peak_bytes(plain_mixed, device)

@@ -365,7 +365,7 @@ def test_convert_between_all_layouts_is_exact(name, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def test_memory_is_stacked_by_default_and_merged_only_when_asked(tmp_path):
+def test_memory_keeps_no_copy_by_default_and_merged_only_when_asked(tmp_path):
     pipe = add_spm_support(tiny_flux_pipeline())
     save_membrane(pipe, ["snoopy"], tmp_path / "snoopy.safetensors")
     pipe.load_spm(tmp_path / "snoopy.safetensors")
@@ -377,7 +377,7 @@ def test_memory_is_stacked_by_default_and_merged_only_when_asked(tmp_path):
         return kwargs
 
     stacked = generate(pipe, "a photo of snoopy", callback_on_step_end=count_merged)
-    assert merged_layers == [0, 0]  # no copy of any adapted weight during the call
+    assert merged_layers == [0, 0]  # no copy of any adapted weight kept during the call (`auto`: transient)
     merged_layers.clear()
     pipe.set_spm_memory("merged")
     merged = generate(pipe, "a photo of snoopy", callback_on_step_end=count_merged)

@@ -323,7 +323,7 @@ def test_settings_change_only_through_the_controller_and_invalidate_merged_weigh
     _, path = snoopy
     pipe.load_spm(path)
     controller = MembraneController.of(pipe.unet)
-    for attribute in ("enabled", "transport", "merge_per_call"):
+    for attribute in ("enabled", "transport", "memory"):
         with pytest.raises(AttributeError):
             setattr(controller, attribute, getattr(controller, attribute))
     changes = [
@@ -334,6 +334,7 @@ def test_settings_change_only_through_the_controller_and_invalidate_merged_weigh
         pipe.enable_spm,
         lambda: pipe.set_spm_memory("merged"),
         lambda: pipe.set_spm_memory("stacked"),
+        lambda: pipe.set_spm_memory("auto"),
         controller.weights_changed,
     ]
     for change in changes:

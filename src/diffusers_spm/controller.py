@@ -24,7 +24,7 @@ import numbers
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from diffusers.hooks import ModelHook
@@ -40,6 +40,10 @@ from .transport import TransportConfig, TransportScorer
 logger = logging.getLogger(__name__)
 
 CONTROLLER_HOOK = "spm_controller"
+# `set_spm_memory`: "auto" (default) merges a layer transiently where that is cheaper, one layer's copy
+# at a time; "stacked" never copies a weight; "merged" keeps every merged weight for the call.
+MemoryMode = Literal["auto", "stacked", "merged"]
+MEMORY_MODES: tuple[str, ...] = ("auto", "stacked", "merged")
 
 
 def check_scale(name: str, value: Any) -> float:
@@ -154,6 +158,8 @@ class ForwardGates:
     controller: "MembraneController"
     gates: torch.Tensor  # [N] shared by all rows, or [B, N]; empty when every gate is zero
     merge_key: tuple | None  # set when rows share gates inside a call scope: the merged weights' key
+    # Whether a layer may run on a transient `W + dW` where that is cheaper (`set_spm_memory("auto")`).
+    transient_merge: bool = False
 
     @property
     def off(self) -> bool:
@@ -179,9 +185,7 @@ class MembraneController(ModelHook):
         self.version = 0  # bumped by every change that invalidates merged weights cached in a call
         self._transport = TransportConfig()
         self._enabled = True
-        # Memory policy (`set_spm_memory`): a call whose rows share gates may run each layer on merged
-        # weights (one extra copy of every adapted weight for the call); off by default.
-        self._merge_per_call = False
+        self._memory: MemoryMode = "auto"  # `set_spm_memory`
         self._targets: dict[str, tuple[str, nn.Module]] | None = None
         self._warned: set[str] = set()
 
@@ -346,12 +350,14 @@ class MembraneController(ModelHook):
         self._invalidate()
 
     @property
-    def merge_per_call(self) -> bool:
-        """Whether calls whose rows share gates run each layer on merged weights (`set_spm_memory`)."""
-        return self._merge_per_call
+    def memory(self) -> MemoryMode:
+        """How forwards whose rows share their gates run the adapted layers (`set_spm_memory`)."""
+        return self._memory
 
-    def set_merge_per_call(self, on: bool) -> None:
-        self._merge_per_call = bool(on)
+    def set_memory(self, mode: MemoryMode) -> None:
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"SPM memory mode must be one of {', '.join(map(repr, MEMORY_MODES))}, got {mode!r}.")
+        self._memory = mode
         self._invalidate()
 
     def active_names(self) -> list[str]:
@@ -590,9 +596,9 @@ class MembraneController(ModelHook):
             gates = gates[0]
         if not bool(gates.any()):
             return self._off
-        merges = self.merge_per_call and self.call is not None and gates.dim() == 1
+        merges = self._memory == "merged" and self.call is not None and gates.dim() == 1
         merge_key = (self.version, tuple(gates.tolist())) if merges else None
-        return ForwardGates(self, gates.to(sample.device), merge_key)
+        return ForwardGates(self, gates.to(sample.device), merge_key, transient_merge=self._memory != "stacked")
 
     def gates_for(self, x: torch.Tensor) -> ForwardGates | None:
         """The gates a layer applies now; a layer called outside a denoiser forward applies the scales."""

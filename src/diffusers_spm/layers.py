@@ -2,7 +2,10 @@
 
 The N membranes of a layer are stacked row-wise, `D` [R, in] and `U` [out, R] with R the sum of
 their ranks, so the update `U (G * D x)` costs two thin matmuls whatever N is. Each row carries
-its membrane's `alpha / rank`; gates arrive per membrane and are expanded to rows.
+its membrane's `alpha / rank`; gates arrive per membrane and are expanded to rows. When every row
+shares its gates and the input has more positions than about half the layer's width, one op on a
+transient `W + dW` is cheaper than the two thin matmuls (`merge_is_cheaper`), and holds one layer's
+copy for the length of that op.
 
 The bank never writes to the base layer's weight except in `fuse`, which swaps in a new tensor
 and keeps the original object, so `unfuse` restores it bit for bit; a LoRA fused or unfused on
@@ -146,6 +149,28 @@ class MembraneBank(nn.Module):
         delta = (self.up.detach().float() * coef) @ down
         return delta.view(self.up.shape[0], *self.in_shape)
 
+    def merged_weight(self, weight: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """`W + sum_i g_i * scale_i * U_i D_i` for gates [N], as one new tensor in W's dtype and shape
+        (one `addmm`: a single copy of the layer; the base weight is not touched)."""
+        up = (self.up.detach().float() * self.row_coefficients(gates)).to(weight.device, weight.dtype)
+        down = self.down.detach().flatten(1).to(weight.device, weight.dtype)
+        return torch.addmm(weight.flatten(1), up, down).view_as(weight)
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether a forward may run on merged weights: not beside a quantized base (the sum would be
+        quantized again) and not while the membranes are trained (the merge carries no gradient)."""
+        return not self.quantized_base and not self.down.requires_grad
+
+    def merge_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Whether one base op on `W + dW` costs fewer multiply-adds than the stacked form for input `x`:
+        the merge pays R * in * out once per forward, the stacked form R * (in + out) per input position,
+        so the merge wins once a forward has more than in * out / (in + out) positions (about half the
+        layer's width: large images, long text states)."""
+        in_features, out_features = self.down[0].numel(), self.up.shape[0]
+        positions = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
+        return positions * (in_features + out_features) > in_features * out_features
+
     def add_delta(self, base: nn.Module, x: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """`out + U (G * D x)` for gates [N] (shared) or [B, N] (one row of gates per sample).
 
@@ -219,23 +244,31 @@ class MembraneLayerHook(ModelHook):
         self.controller = controller
 
     def new_forward(self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Rows that share their gates run the base op once on `W + dW` where that is cheaper
+        (`set_spm_memory("auto")`, the default) or kept for the call (`"merged"`); otherwise, and always
+        with per-row gates, the stacked form `W x + U (G * D x)`."""
         forward_gates = self.controller.gates_for(x)
         if forward_gates is None:
             return self.fn_ref.original_forward(x, *args, **kwargs)
-        if forward_gates.merge_key is not None and not self.bank.quantized_base:
-            return self._merged_forward(module, x, forward_gates)
+        if forward_gates.gates.dim() == 1 and self.bank.can_merge:
+            if forward_gates.merge_key is not None:
+                return self._run(module, x, self._call_merged_weight(module, forward_gates))
+            if forward_gates.transient_merge and self.bank.merge_is_cheaper(x):  # one layer's copy, freed after the op
+                return self._run(module, x, self.bank.merged_weight(module.weight.detach(), forward_gates.gates))
         return self.bank.add_delta(module, x, self.fn_ref.original_forward(x, *args, **kwargs), forward_gates.gates)
 
-    def _merged_forward(self, module: nn.Module, x: torch.Tensor, forward_gates: "ForwardGates") -> torch.Tensor:
-        """Every row shares the gates: run the base op once with `W + dW`, cached in the running call's
-        scope (so concurrent calls never share or drop each other's merged weights)."""
+    def _call_merged_weight(self, module: nn.Module, forward_gates: "ForwardGates") -> torch.Tensor:
+        """`W + dW` kept in the running call's scope (so concurrent calls never share or drop each
+        other's merged weights), rebuilt when the gates or the membranes change."""
         merged = self.controller.call.merged
         cached = merged.get(id(self))
         if cached is None or cached[0] != forward_gates.merge_key:
-            weight = module.weight.detach()
-            delta = self.bank.delta_weight(forward_gates.gates).to(weight.device)
-            cached = merged[id(self)] = (forward_gates.merge_key, (weight.float() + delta).to(weight.dtype))
-        weight = cached[1]
+            weight = self.bank.merged_weight(module.weight.detach(), forward_gates.gates)
+            cached = merged[id(self)] = (forward_gates.merge_key, weight)
+        return cached[1]
+
+    def _run(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's op with another weight."""
         if self.bank.is_conv:
             return module._conv_forward(x, weight, module.bias)
         return F.linear(x, weight, module.bias)

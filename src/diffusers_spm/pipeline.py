@@ -42,7 +42,7 @@ from torch import nn
 from .families import DenoiserFamily, RowLayout, TextEncoding, UnsupportedDenoiserError, denoiser_of, family_of
 from .hub import resolve_membrane
 from .membrane import Membrane
-from .controller import MembraneController, PromptGates
+from .controller import MembraneController, MemoryMode, PromptGates
 from .transport import Metric, TransportConfig
 
 logger = logging.getLogger(__name__)
@@ -175,18 +175,18 @@ class SPMPipelineMixin:
             config = TransportConfig(enabled=enabled, **settings)
         self._spm_controller().set_transport(config)
 
-    def set_spm_memory(self, mode: Literal["stacked", "merged"] = "stacked") -> None:
-        """How a call whose rows share their gates runs the adapted layers.
+    def set_spm_memory(self, mode: MemoryMode = "auto") -> None:
+        """How a forward whose rows share their gates (one prompt, or prompts alike) runs the adapted layers.
 
-        `stacked` (default): each layer adds `U (G * D x)` beside its base op; no weight is copied, so
-        peak memory over the plain pipeline is the membranes themselves. `merged`: each layer runs on
-        `W + sum g_i dW_i`, built once per call in that call's scope and dropped after it (concurrent
-        calls keep their own): slightly faster per step, but one extra copy of every adapted weight
-        during the call (about 1 GB fp32 on SD 1.x, over 20 GB on Flux): choose it only where that
-        fits. Quantized bases always run stacked."""
-        if mode not in ("stacked", "merged"):
-            raise ValueError(f"SPM memory mode must be 'stacked' or 'merged', got {mode!r}.")
-        self._spm_controller().set_merge_per_call(mode == "merged")
+        `auto` (default): per layer and forward, the cheaper of the stacked form, `W x + U (G * D x)`, and
+        one op on a transient `W + sum g_i dW_i` built for that op and freed after it: the merge wins
+        once a forward has more input positions than about half the layer's width (real image sizes,
+        long text states), and never holds more than one layer's copy. `stacked`: never copies a
+        weight. `merged`: `W + sum g_i dW_i` built once per call for every layer and kept for the call
+        (one extra copy of every adapted weight: about 1 GB fp32 on SD 1.x, over 20 GB on Flux; choose
+        it only where that fits). Rows with different gates (a mixed batch) and quantized bases always
+        run stacked."""
+        self._spm_controller().set_memory(mode)
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:
         """Raw transport rates in [0, 1], per membrane and prompt (before scale and power), as the

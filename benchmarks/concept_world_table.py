@@ -13,8 +13,8 @@ one thread each. On 2 CPU cores the whole UNet run takes about 2 hours.
 
 `--family sd3` runs the DiT world's acceptance set instead (issue 11; outputs in
 outputs/concept_world_sd3): red and circle over 3 seeds with both transport rates, the ablations
-(plain LoRA, no LA, no transport) and a wider la_strength sweep, since flow matching's loss scale
-differs from epsilon's (docs/training.md).
+(plain LoRA, no LA, no transport), a wider la_strength sweep, since flow matching's loss scale
+differs from epsilon's (docs/training.md), and red and circle trained with the UNet world's settings.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def make_plan(family: str) -> Plan:
         # Texture levers: the concept trained in context, its surrogate the same context without it.
         Variant("generic-noun", replace(base, templates=GENERIC_NOUN_TEMPLATES)),
         Variant("texture-in-context", replace(base, templates=context_templates("texture"))),
+        # The UNet world's settings on another world (the DiT world's are cut for cost).
+        Variant("unet-settings", replace(world_training("unet"), save_every=50)),
     )}
     la_sweep = tuple(name for _, name in sorted({**sweep, base.la_strength: "shipped"}.items()))
     evaluation = world_model(family).evaluation(COUNTS)
@@ -123,8 +125,10 @@ def make_plan(family: str) -> Plan:
     # The DiT world's acceptance set (issue 11): red and circle, their ablations, the sweep on red.
     jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
             + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
-            + [(name, "red", s) for name in sweep.values() for s in SEEDS])
-    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED), "la_sweep_red", "layers_red")
+            + [(name, "red", s) for name in sweep.values() for s in SEEDS]
+            + [("unet-settings", c, s) for c in ABLATED for s in SEEDS])
+    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED), "la_sweep_red", "layers_red",
+              *(f"unet-settings_{c}" for c in ABLATED))
     return Plan(family, variants, tuple(jobs), tables, la_sweep, ABLATED, "grid_red_circle.png", evaluation)
 
 
@@ -229,6 +233,10 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         row for name in plan.la_sweep
         for row in seed_rows(output, "red", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
                              name, metric="tokensim")], evaluation).as_dict()
+    for concept in ABLATED:
+        jobs[f"unet-settings_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], seed_rows(
+            output, c, "SPM, the UNet world's training settings, transport tokensim", "unet-settings", metric="tokensim"),
+            evaluation).as_dict()
     for name, concepts in LEVERS.items():
         for concept in concepts:
             jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(

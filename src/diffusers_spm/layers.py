@@ -15,6 +15,7 @@ been fused.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -167,7 +168,7 @@ class MembraneBank(nn.Module):
         the merge pays R * in * out once per forward, the stacked form R * (in + out) per input position,
         so the merge wins once a forward has more than in * out / (in + out) positions (about half the
         layer's width: large images, long text states)."""
-        in_features, out_features = self.down[0].numel(), self.up.shape[0]
+        in_features, out_features = math.prod(self.in_shape), self.up.shape[0]
         positions = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
         return positions * (in_features + out_features) > in_features * out_features
 

@@ -168,9 +168,13 @@ class TransportScorer:
     def _known_or_cosine(prompt_embeds: torch.Tensor, prompt_rows: Sequence[TextRow | None],
                          concept_embeds: torch.Tensor, known_scores: Callable[[list[int]], torch.Tensor]
                          ) -> torch.Tensor:
-        """[P, C]: `known_scores` of the rows whose texts are known, the flattened cosine of the others."""
-        scores = clipcos(prompt_embeds, concept_embeds).cpu()
+        """[P, C]: `known_scores` of the rows whose texts are known, the flattened cosine of the others
+        (computed for those rows only: on a DiT's [L x 4096] states it is the costly term)."""
         known = [i for i, row in enumerate(prompt_rows) if row is not None]
+        unknown = [i for i, row in enumerate(prompt_rows) if row is None]
+        scores = torch.zeros(len(prompt_rows), concept_embeds.shape[0])
+        if unknown:
+            scores[unknown] = clipcos(prompt_embeds[unknown], concept_embeds).cpu()
         if known:
             scores[known] = known_scores(known)
         return scores

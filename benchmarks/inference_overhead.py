@@ -39,7 +39,7 @@ Peak memory over the plain denoiser, per SPM configuration: on CUDA `max_memory_
 the peak of the allocations PyTorch's profiler records during one step (`profile_memory`), each over
 the same measure of a plain step; beside it the bound (largest adapted layer + the membranes).
 
-`--skip stacked merged peft reference` leaves configurations out; `--text-tokens` shortens a DiT's text
+`--skip stacked merged peft reference rating` leaves configurations out; `--text-tokens` shortens a DiT's text
 states (Flux's `max_sequence_length`) for a quicker CPU run.
 
     python benchmarks/inference_overhead.py --family flux [--latent 32] [--repeats 3] [--device cpu] [--dtype fp32]
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time steps by the wall clock or by the process's CPU time (a shared CPU, one thread)")
-    parser.add_argument("--skip", nargs="+", default=[], choices=("stacked", "merged", "peft", "reference"),
+    parser.add_argument("--skip", nargs="+", default=[], choices=("stacked", "merged", "peft", "reference", "rating"),
                         help="configurations to leave out")
     parser.add_argument("--text-tokens", type=int, help="DiTs: text-state length (default: the family's, 333 / 512)")
     args = parser.parse_args()
@@ -288,8 +288,9 @@ def main() -> None:
             with controller.call_scope(single_gates):
                 results["spm single prompt, pipeline call (auto, default)"] = timer.paired(single, plain_single, args.repeats)
                 peaks.append((n, "auto, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
-                results["rating saved per forward: rated every forward / pipeline call"] = timer.paired(
-                    outside_call, single, args.repeats)
+                if "rating" not in args.skip:
+                    results["rating saved per forward: rated every forward / pipeline call"] = timer.paired(
+                        outside_call, single, args.repeats)
             rating = statistics.median(timer.seconds(lambda: controller.rates(single_text)) for _ in range(5))
             seconds_rows.append(("rating the text states once (s)", rating))
 

@@ -61,9 +61,10 @@ PLAIN_LORA = "plain LoRA (erase only, load_lora_weights)"
 CHECKPOINTS = (50, 100, 200)
 FLOORS = (0.1, 0.3)
 COUNTS = WorldEvaluation(prompts_per_concept=16, seeds_per_prompt=2, preserve_prompts_per_concept=8)
-# la_strength values trained beside each family's default (FAMILY_TRAINING in experiments.py), in the
-# order they are trained; the DiT world's erase-only membranes stand for la_strength 0.
-LA_SWEEP = {"unet": (0.0, 10.0, 100.0), "sd3": (10.0, 100.0)}
+# la_strength values trained beside each family's default (FAMILY_TRAINING in experiments.py), per swept
+# concept, in the order they are trained. The DiT world's erase-only membranes stand for la_strength 0;
+# its red at 10 and 100 was measured on the world before its last continuation (docs/concept-world.md).
+LA_SWEEP = {"unet": {"red": (0.0, 10.0, 100.0)}, "sd3": {"red": (0.1, 0.3), "circle": (0.1, 0.3)}}
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ class Plan:
     variants: dict[str, Variant]
     train_jobs: tuple[tuple[str, str, int], ...]  # (variant, concept, seed), in priority order
     tables: tuple[str, ...] | None  # the evaluation jobs it runs (None: all)
-    la_sweep: tuple[str, ...]  # the variants of the la_strength sweep, by strength
+    # concept -> the variants of its la_strength sweep, by strength (the default's row is its concept table's)
+    la_sweep: dict[str, tuple[str, ...]]
     grid: tuple[str, ...]  # concepts erased at once in the report's grid (seed-0 membranes)
     grid_name: str
     evaluation: WorldEvaluation  # COUNTS at the world's guidance scale
@@ -94,7 +96,8 @@ class Plan:
 
 def make_plan(family: str) -> Plan:
     base = replace(world_training(family), save_every=50)
-    sweep = {strength: f"la{strength:g}" for strength in LA_SWEEP[family] if strength != base.la_strength}
+    strengths = {concept: tuple(s for s in values if s != base.la_strength) for concept, values in LA_SWEEP[family].items()}
+    sweep = {strength: f"la{strength:g}" for values in strengths.values() for strength in values}
     variants = {v.name: v for v in (
         Variant("shipped", base),
         Variant("random-anchors", replace(base, anchor_unconditional=False)),
@@ -108,7 +111,7 @@ def make_plan(family: str) -> Plan:
         # The UNet world's settings on another world (the DiT world's are cut for cost).
         Variant("unet-settings", replace(world_training("unet"), save_every=50)),
     )}
-    la_sweep = tuple(name for _, name in sorted({**sweep, base.la_strength: "shipped"}.items()))
+    la_sweep = {concept: tuple(sweep[s] for s in sorted(values)) for concept, values in strengths.items()}
     evaluation = world_model(family).evaluation(COUNTS)
     if family == "unet":
         # The six-at-once concepts, the anchoring before/after, the other concepts, then the ablations
@@ -122,13 +125,13 @@ def make_plan(family: str) -> Plan:
                 + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
                 + [(v, c, s) for v, concepts in LEVERS.items() for c in concepts for s in SEEDS])
         return Plan(family, variants, tuple(jobs), None, la_sweep, SIX, "grid_six.png", evaluation)
-    # The DiT world's acceptance set (issue 11): red and circle, their ablations, the sweep on red.
+    # The DiT world's acceptance set (issue 11): red and circle, their la_strength sweeps, their ablations.
     jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
             + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
-            + [(name, "red", s) for name in sweep.values() for s in SEEDS]
+            + [(f"la{strength:g}", c, s) for c, values in strengths.items() for strength in values for s in SEEDS]
             + [("unet-settings", c, s) for c in ABLATED for s in SEEDS])
-    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED), "la_sweep_red", "layers_red",
-              *(f"unet-settings_{c}" for c in ABLATED))
+    tables = (*(f"concept_{c}" for c in ABLATED), *(f"la_sweep_{c}" for c in la_sweep),
+              *(f"ablation_{c}" for c in ABLATED), "layers_red", *(f"unet-settings_{c}" for c in ABLATED))
     return Plan(family, variants, tuple(jobs), tables, la_sweep, ABLATED, "grid_red_circle.png", evaluation)
 
 
@@ -229,10 +232,11 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
     jobs["layers_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
         Condition(f"{group}, transport tokensim | seed {s}", [layer_subset(output, group, "red", s)], metric="tokensim")
         for group in LAYER_GROUPS for s in SEEDS], evaluation).as_dict()
-    jobs["la_sweep_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
-        row for name in plan.la_sweep
-        for row in seed_rows(output, "red", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
-                             name, metric="tokensim")], evaluation).as_dict()
+    for concept, names in plan.la_sweep.items():
+        jobs[f"la_sweep_{concept}"] = lambda p, j, w, c=concept, n=names: compare(p, j, w, [c], [
+            row for name in n
+            for row in seed_rows(output, c, f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
+                                 name, metric="tokensim")], evaluation).as_dict()
     for concept in ABLATED:
         jobs[f"unet-settings_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], seed_rows(
             output, c, "SPM, the UNet world's training settings, transport tokensim", "unet-settings", metric="tokensim"),

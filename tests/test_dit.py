@@ -10,7 +10,7 @@ from diffusers_spm import Membrane, MembraneFormatError, add_spm_support
 from diffusers_spm.families import FAMILIES, UnsupportedDenoiserError, family_of
 from diffusers_spm.controller import MembraneController, membrane_targets
 from reference_spm import random_membrane
-from tiny_dits import tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+from tiny_dits import QUANTIZERS, tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 
 BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "sana": tiny_sana_pipeline}
 KOHYA_FAMILIES = ("flux", "sd3")  # the families whose LoRAs circulate in an original-checkpoint layout
@@ -386,22 +386,24 @@ def test_memory_keeps_no_copy_by_default_and_merged_only_when_asked(tmp_path):
     assert abs(merged - stacked).max() < 1e-5
 
 
-def test_quantized_base_runs_stacked_and_refuses_to_fuse(tmp_path):
-    """torchao int8 weight-only (runs on CPU); bitsandbytes 8/4-bit needs a GPU and is not tested here."""
-    pytest.importorskip("torchao")
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_quantized_base_runs_stacked_and_refuses_to_fuse(tmp_path, quantizer):
+    """Every quantizer that runs on a CPU: torchao int8 weight-only, bitsandbytes' 8-bit and 4-bit
+    layers (bitsandbytes 0.50 has CPU kernels; its GPU kernels are not tested here)."""
+    library, quantize = QUANTIZERS[quantizer]
+    pytest.importorskip(library)
     from reference_spm import apply_reference, remove_reference
 
     pipe = add_spm_support(tiny_flux_pipeline())
-    quantize_(pipe.transformer, Int8WeightOnlyConfig(),
-              filter_fn=lambda module, path: isinstance(module, torch.nn.Linear) and "blocks" in path)
+    quantize(pipe.transformer)
     membrane = save_membrane(pipe, ["snoopy"], tmp_path / "snoopy.safetensors")
     plain = denoise(pipe, PROMPTS[:2])
     layers = apply_reference(pipe.transformer, [membrane])
     expected = denoise(pipe, PROMPTS[:2])
     remove_reference(layers)
     pipe.load_spm(tmp_path / "snoopy.safetensors")
+    banks = [bank for _, bank in MembraneController.of(pipe.transformer).banks()]
+    assert len(banks) == len(membrane.modules) and all(bank.quantized_base for bank in banks)
     pipe.set_spm_transport(False)
     pipe.set_spm_memory("merged")  # asked for, but a quantized base has no float weight to merge into
     ours = denoise(pipe, PROMPTS[:2])

@@ -16,7 +16,7 @@ from conftest import tiny_pipeline
 from diffusers_spm import Membrane, add_spm_support
 from diffusers_spm.training import TrainingConfig, train_membrane
 from diffusers_spm.training.trainer import MembraneTrainer
-from tiny_dits import tiny_flux_pipeline, tiny_sd3_pipeline
+from tiny_dits import QUANTIZERS, quantized_values, tiny_flux_pipeline, tiny_sd3_pipeline
 
 DATA = Path(__file__).parent / "data"
 BUILDERS = {"sd3": lambda seed=0: tiny_sd3_pipeline(seed, with_t5=False), "flux": tiny_flux_pipeline}
@@ -126,25 +126,24 @@ def test_training_lowers_erase_loss_and_keeps_anchor_loss_small(tmp_path, family
     assert anchor < before / 10, (before, anchor)
 
 
-def test_training_through_an_int8_quantized_base_keeps_an_fp32_membrane(tmp_path):
-    """torchao int8 weight-only (runs on CPU): the membrane trains beside the quantized layers, which
-    stay as they were."""
-    pytest.importorskip("torchao")
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_training_through_a_quantized_base_keeps_an_fp32_membrane(tmp_path, quantizer):
+    """torchao int8 weight-only and bitsandbytes 8/4-bit (CPU kernels): the membrane trains beside the
+    quantized layers, which stay as they were."""
+    library, quantize = QUANTIZERS[quantizer]
+    pytest.importorskip(library)
     torch.set_num_threads(1)
     pipe = BUILDERS["sd3"]()
-    quantize_(pipe.transformer, Int8WeightOnlyConfig(),
-              filter_fn=lambda module, path: isinstance(module, torch.nn.Linear) and "blocks" in path)
+    quantize(pipe.transformer)
     quantized = pipe.transformer.transformer_blocks[0].attn.to_q.weight
-    before_weights = quantized.dequantize().clone()
+    before_weights = quantized_values(quantized).clone()
     cfg = config(tmp_path, [{**CONCEPT, "anchor_unconditional": False}], iterations=25)
     trainer = trainer_for(pipe, cfg)
     assert all(bank.up.dtype == torch.float32 for _, bank in trainer.controller.banks())
     before, after, anchor = erase_and_anchor(trainer, cfg.train.iterations)
     assert after < before / 5 and anchor < before / 10, (before, after, anchor)
     assert pipe.transformer.transformer_blocks[0].attn.to_q.weight is quantized
-    assert torch.equal(quantized.dequantize(), before_weights)
+    assert torch.equal(quantized_values(quantized), before_weights)
 
 
 # ---------------------------------------------------------------------- precision, checkpointing, resume

@@ -145,3 +145,52 @@ def tiny_sana_pipeline(seed: int = 0, cls=SanaPipeline):
                scheduler=FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def in_blocks(module: torch.nn.Module, path: str) -> bool:
+    """The Linears of a DiT's blocks: what Flux users quantize."""
+    return isinstance(module, torch.nn.Linear) and "blocks" in path
+
+
+def quantize_torchao(transformer: torch.nn.Module) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(transformer, Int8WeightOnlyConfig(), filter_fn=in_blocks)
+
+
+def quantize_bitsandbytes(transformer: torch.nn.Module, bits: int) -> None:
+    """The blocks' Linears as bitsandbytes layers quantized on the CPU: the layers diffusers'
+    `BitsAndBytesConfig` puts in, built by hand because that config asks for a GPU."""
+    import bitsandbytes as bnb
+
+    for path, module in [(p, m) for p, m in transformer.named_modules() if in_blocks(m, p)]:
+        shape, weight = (module.in_features, module.out_features, module.bias is not None), module.weight.data.clone()
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(*shape, compute_dtype=torch.float32, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPUs at the first eval-mode forward,
+            # which fails on layers narrower than its 64-value block (these tiny models' 32): keep the
+            # portable kernel, the same on every CPU
+            layer.support_avx512bf16_for_cpu = False
+        else:
+            layer = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            layer.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        layer = layer.to("cpu")  # `.to` quantizes the weight
+        assert layer.weight.dtype in (torch.uint8, torch.int8)
+        parent, _, name = path.rpartition(".")
+        setattr(transformer.get_submodule(parent), name, layer)
+
+
+def quantized_values(weight: torch.Tensor) -> torch.Tensor:
+    """What a quantized weight stores, comparable with `torch.equal` (torchao's subclass dequantized)."""
+    return weight.dequantize() if hasattr(weight, "dequantize") else weight.data
+
+
+# name -> (the library to skip without, a function quantizing a DiT's blocks in place); all run on a CPU
+QUANTIZERS = {
+    "torchao int8 weight-only": ("torchao", quantize_torchao),
+    "bitsandbytes 8-bit": ("bitsandbytes", lambda transformer: quantize_bitsandbytes(transformer, 8)),
+    "bitsandbytes 4-bit nf4": ("bitsandbytes", lambda transformer: quantize_bitsandbytes(transformer, 4)),
+}

@@ -176,12 +176,15 @@ class MembraneBank(nn.Module):
         """`out + U (G * D x)` for gates [N] (shared) or [B, N] (one row of gates per sample).
 
         `out` is the base op's output, a new tensor: the delta is added into it where it can be (a
-        contiguous tensor of the same dtype that does not share the input's storage), as one `addmm_`
-        for Linear layers, which saves writing the delta apart and a second pass over the output (2-5 %
-        of a wide layer's time on CPU at N = 20)."""
+        contiguous tensor of the same dtype that does not share the input's storage, outside autograd),
+        as one `addmm_` for Linear layers, which saves writing the delta apart and a second pass over
+        the output (2-5 % of a wide layer's time on CPU at N = 20). Under autograd (training) the sum
+        is a new tensor: some base ops return a custom Function's view, which autograd forbids
+        changing in place (bitsandbytes' 8-bit matmul)."""
         coef = self.row_coefficients(gates).to(x.dtype)
         down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        in_place = (out.dtype == x.dtype and out.is_contiguous()
+        recorded = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or down.requires_grad)
+        in_place = (not recorded and out.dtype == x.dtype and out.is_contiguous()
                     and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
         if self.is_conv:
             hidden = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)

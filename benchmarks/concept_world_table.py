@@ -12,9 +12,9 @@ one thread each. On 2 CPU cores the whole UNet run takes about 2 hours.
     python benchmarks/concept_world_table.py ship                     # seed-0 membranes into the package
 
 `--family sd3` runs the DiT world's acceptance set instead (issue 11; outputs in
-outputs/concept_world_sd3): red and circle over 3 seeds with both transport rates, the ablations
-(plain LoRA, no LA, no transport), a wider la_strength sweep, since flow matching's loss scale
-differs from epsilon's (docs/training.md), and red and circle trained with the UNet world's settings.
+outputs/concept_world_sd3): red and circle over 3 seeds with both transport rates, their
+la_strength sweeps below 1 (flow matching's loss scale differs from epsilon's, docs/training.md), the
+ablations (plain LoRA, no LA, no transport), each trained in context, and with the UNet world's settings.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class Variant:
     action: str = "erase_with_la"
 
 
-LEVERS = {"generic-noun": ("striped",), "texture-in-context": ("striped", "dotted")}
+LEVERS = {"generic-noun": ("striped",), "texture-in-context": ("striped", "dotted"),
+          "colour-in-context": ("red",), "shape-in-context": ("circle",)}
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def make_plan(family: str) -> Plan:
         *(Variant(name, replace(base, la_strength=strength)) for strength, name in sweep.items()),
         # Texture levers: the concept trained in context, its surrogate the same context without it.
         Variant("generic-noun", replace(base, templates=GENERIC_NOUN_TEMPLATES)),
-        Variant("texture-in-context", replace(base, templates=context_templates("texture"))),
+        *(Variant(f"{kind}-in-context", replace(base, templates=context_templates(kind)))
+          for kind in ("texture", "colour", "shape")),
         # The UNet world's settings on another world (the DiT world's are cut for cost).
         Variant("unet-settings", replace(world_training("unet"), save_every=50)),
     )}
@@ -129,9 +131,11 @@ def make_plan(family: str) -> Plan:
     jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
             + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
             + [(f"la{strength:g}", c, s) for c, values in strengths.items() for strength in values for s in SEEDS]
+            + [(v, c, s) for v, c in (("colour-in-context", "red"), ("shape-in-context", "circle")) for s in SEEDS]
             + [("unet-settings", c, s) for c in ABLATED for s in SEEDS])
     tables = (*(f"concept_{c}" for c in ABLATED), *(f"la_sweep_{c}" for c in la_sweep),
-              *(f"ablation_{c}" for c in ABLATED), "layers_red", *(f"unet-settings_{c}" for c in ABLATED))
+              *(f"ablation_{c}" for c in ABLATED), "lever_colour-in-context_red", "lever_shape-in-context_circle",
+              "layers_red", *(f"unet-settings_{c}" for c in ABLATED))
     return Plan(family, variants, tuple(jobs), tables, la_sweep, ABLATED, "grid_red_circle.png", evaluation)
 
 

@@ -68,13 +68,14 @@ def tiny_vae(latent_channels: int, seed: int, **config) -> AutoencoderKL:
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035, **config)
 
 
-def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True, cls=StableDiffusion3Pipeline):
+def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True, cls=StableDiffusion3Pipeline, latent_channels: int = 4):
     """SD3/SD3.5-shaped: CLIP-L + CLIP-G (pooled 32 + 32) and optional T5, joint width 64, two joint blocks
-    (the last one context-pre-only), the first with SD3.5's dual attention."""
+    (the last one context-pre-only), the first with SD3.5's dual attention. `latent_channels`: SD3's
+    16 for its inpaint pipeline, which assumes them."""
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=2,
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=latent_channels, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=latent_channels,
                                         dual_attention_layers=(0,), qk_norm="rms_norm")
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModelWithProjection(clip_text_config())
@@ -84,7 +85,7 @@ def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = True, cls=StableDiffusion3P
     text_encoder_3 = t5_encoder(64) if with_t5 else None
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77)
     pipe = cls(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-               vae=tiny_vae(4, seed), text_encoder=text_encoder, tokenizer=tokenizer,
+               vae=tiny_vae(latent_channels, seed), text_encoder=text_encoder, tokenizer=tokenizer,
                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
                tokenizer_3=t5_tokenizer() if with_t5 else None)
     pipe.set_progress_bar_config(disable=True)

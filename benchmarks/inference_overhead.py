@@ -13,10 +13,11 @@ The table gives each ratio's median and the lowest and highest round, and a firs
 plain step against itself: its distance from 1.000x is the noise floor of the run.
 
 Gates come from real transport, as in a pipeline call: the N membranes' concepts ("concept i") and
-the prompts are encoded (UNets: CLIP text encoders at full width, observed by the runtime's hooks,
-with random weights and 2 layers, since rating reads their outputs, not their depth; DiTs: random text
-states of the family's shape and synthetic token sets), and every denoiser forward computes its
-gates through `MembraneController.row_gates`. Configurations, for N membranes:
+the prompts are encoded by CLIP text encoders at the family's widths, observed by the runtime's hooks,
+with random weights and 2 layers, since rating reads their outputs, not their depth (UNets: their
+states are the text states; DiTs: their pooled outputs are the `pooled_projections`, as
+`encode_prompt` joins them, beside random text states of the family's shape), and every denoiser
+forward computes its gates through `MembraneController.row_gates`. Configurations, for N membranes:
 
 - `spm single prompt, pipeline call (auto, default)`: the default route. One prompt under CFG: rows
   share gates, and each layer runs the cheaper of the stacked form `W x + U (G * D x)` and one op on a
@@ -26,8 +27,10 @@ gates through `MembraneController.row_gates`. Configurations, for N membranes:
 - `spm single prompt, pipeline call (stacked)`: the same with `set_spm_memory("stacked")`: every
   layer adds `U (G * D x)`, no weight is copied;
 - `rating saved per forward`: the same forward outside any call scope (a hand-written loop on the
-  denoiser: UNets trace and rate the text rows at every forward, DiTs rate them by the flattened
-  cosine) timed against the pipeline call's, side by side;
+  denoiser: UNets trace and rate the text rows at every forward, DiTs trace them through their
+  pooled text and score them text by text) timed against the pipeline call's, side by side; the
+  seconds rows time one rating of the step's rows alone, and on DiTs one of rows whose pooled text
+  no observed encoder produced (the flattened cosine fallback);
 - `spm single prompt, pipeline call (merged)`: `set_spm_memory("merged")`: each layer runs on
   `W + sum g_i dW_i`, merged once per call (its cost is shown apart, per call), one extra copy of the
   adapted weights;
@@ -119,7 +122,7 @@ def cfg(shape: tuple[int, ...]) -> torch.Tensor:
 
 def build(family: str, latent: int, blocks: list[int] | None, text_tokens: int) -> tuple[nn.Module, dict[str, Any], str]:
     """A full-width denoiser of `family` (random weights) and the keyword inputs of one CFG step (batch 2),
-    less the text states (each configuration brings its own)."""
+    less the text states and pooled text (each configuration brings its own)."""
     if family in ("sd15", "sdxl"):
         unet = UNet2DConditionModel.from_config(unet_config("sd1" if family == "sd15" else "sdxl"))
         inputs = {"sample": cfg((4, latent, latent)), "timestep": 500}
@@ -133,8 +136,7 @@ def build(family: str, latent: int, blocks: list[int] | None, text_tokens: int) 
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
             out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(min(13, layers))),
             qk_norm="rms_norm")
-        inputs = {"hidden_states": cfg((16, latent, latent)), "timestep": torch.full((2,), 500.0),
-                  "pooled_projections": cfg((2048,))}
+        inputs = {"hidden_states": cfg((16, latent, latent)), "timestep": torch.full((2,), 500.0)}
         return transformer, inputs, f"SD3.5-medium transformer at full width, {layers} joint blocks (of 24)"
     double, single = blocks or (2, 4)
     transformer = FluxTransformer2DModel(
@@ -142,7 +144,7 @@ def build(family: str, latent: int, blocks: list[int] | None, text_tokens: int) 
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56))
     tokens = (latent // 2) ** 2
-    inputs = {"hidden_states": cfg((tokens, 64)), "timestep": torch.full((2,), 0.5), "pooled_projections": cfg((768,)),
+    inputs = {"hidden_states": cfg((tokens, 64)), "timestep": torch.full((2,), 0.5),
               "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text_tokens, 3), "guidance": torch.full((2,), 3.5)}
     return transformer, inputs, f"Flux.1 transformer at full width, {double} double + {single} single blocks (of 19 + 38)"
 
@@ -163,37 +165,40 @@ def token_ids(texts: list[str]) -> torch.Tensor:
 class Texts:
     """Prompts and concepts encoded as a pipeline encodes them, so forwards rate real text states.
 
-    UNets: CLIP text encoders at the family's width (SD 1.5: CLIP-L's last layer; SDXL: CLIP-L and
-    bigG, penultimate layers side by side), random weights, 2 layers, observed by the runtime's
-    hooks. DiTs: random text states of the family's shape and synthetic token sets, rated per call."""
+    CLIP text encoders at the family's widths, random weights, 2 layers, observed by the runtime's hooks
+    (CLIP-L the token encoder, as `load_spm` sets it): CLIP-L (SD 1.5, Flux), CLIP-L and bigG (SDXL),
+    both with projections (SD3). UNets: their states are the text states (SD 1.5: CLIP-L's last layer;
+    SDXL: the penultimate layers side by side). DiTs: their pooled outputs, side by side, are the
+    pooled text, by which forwards trace their rows; the text states are random, of the family's
+    shape (the T5 part is not traced)."""
 
     def __init__(self, family: str, dtype: torch.dtype, device: str, length: int) -> None:
         self.family, self.dtype, self.device, self.length = family, dtype, device, length
-        self.encoders: list[nn.Module] = []
-        if family in ("sd15", "sdxl"):
-            config = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
-                          pad_token_id=EOS, num_hidden_layers=2)
-            self.encoders.append(CLIPTextModel(CLIPTextConfig(
-                hidden_size=768, intermediate_size=3072, num_attention_heads=12, **config)))
-            if family == "sdxl":
-                self.encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
-                    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, **config)))
-            self.encoders = [e.to(device, dtype).eval() for e in self.encoders]
+        config = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
+                      pad_token_id=EOS, num_hidden_layers=2)
+        self.encoders: list[nn.Module] = [(CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel)(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768, **config))]
+        if family in ("sdxl", "sd3"):
+            self.encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, **config)))
+        self.encoders = [e.to(device, dtype).eval() for e in self.encoders]
 
     def observe(self, controller: MembraneController) -> None:
-        controller.observe_text_encoders([(encoder, {BOS, EOS}, EOS) for encoder in self.encoders])
+        controller.observe_text_encoders([(encoder, {BOS, EOS}, EOS) for encoder in self.encoders],
+                                         token_encoder=self.encoders[0])
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> TextEncoding:
-        if not self.encoders:  # a DiT: text states of its shape, rated per call from tokens and summaries
-            ids = token_ids(texts)
-            states = torch.randn(len(texts), self.length, 4096).to(self.device, self.dtype)
-            return TextEncoding(states, [set(row.tolist()) - {BOS, EOS} for row in ids], states[:, -1:])
         ids = token_ids(texts).to(self.device)
+        outputs = [e(ids, output_hidden_states=True) for e in self.encoders]
+        if self.family in ("sd3", "flux"):  # pooled: SD3's `text_embeds` of both, Flux's `pooler_output`
+            pooled = torch.cat([o["text_embeds"] if "text_embeds" in o else o.pooler_output for o in outputs], dim=-1)
+            states = torch.randn(len(texts), self.length, 4096).to(self.device, self.dtype)
+            return TextEncoding(states, [set(row.tolist()) - {BOS, EOS} for row in ids], pooled.unsqueeze(1))
         if self.family == "sd15":
-            states = self.encoders[0](ids).last_hidden_state
+            states = outputs[0].last_hidden_state
         else:
-            states = torch.cat([e(ids, output_hidden_states=True).hidden_states[-2] for e in self.encoders], dim=-1)
+            states = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
         return TextEncoding(states, [], states[:, -1:])
 
 
@@ -270,17 +275,23 @@ def main() -> None:
             for i in range(n):
                 controller.set_concepts(f"m{i}", texts.encode([f"concept {i}"]))
             prompt = texts.encode(["a photo of concept 0"])  # encoded before its negative, as `encode_prompt` does
-            single_text = torch.cat([texts.encode([""]).embeds, prompt.embeds])  # CFG: [negative, prompt]
+            single_text = TextEncoding.concatenate([texts.encode([""]), prompt])  # CFG: [negative, prompt]
             mixed = texts.encode(["a photo of concept 0", "a red car"])
-            if controller.family.rates_per_call:  # the gates `pipe(...)` computes once per call
-                gates = lambda p: controller.transport.gates(controller.text_rates(p, None), controller.scales())
+            family = controller.family
+            if family.rates_per_call:  # the gates `pipe(...)` computes once per call
+                gates = lambda p: controller.transport.gates(
+                    controller.text_rates(p, controller.token_encoder.token_table()), controller.scales())
                 single_gates, mixed_gates = PromptGates(gates(prompt), None, 1), PromptGates(gates(mixed), None, 1)
             else:  # traced from the text states at the forwards
                 single_gates = mixed_gates = None
-            text_argument = controller.family.text_argument.name
-            forward = lambda module, text: (lambda: module(**inputs, **{text_argument: text}))
-            single, mixed_step = forward(denoiser, single_text), forward(denoiser, mixed.embeds)
-            plain_single, plain_mixed = forward(plain_denoiser, single_text), forward(plain_denoiser, mixed.embeds)
+            # what the denoiser takes: the text states, and the pooled text on DiTs (their rows' trace)
+            taken = lambda e: (e.embeds, e.pooled[:, 0] if family.pooled_argument else None)
+            names = [a.name for a in (family.text_argument, family.pooled_argument) if a]
+            forward = lambda module, e: (lambda: module(**inputs, **dict(zip(names, taken(e)))))
+            single, mixed_step = forward(denoiser, single_text), forward(denoiser, mixed)
+            plain_single, plain_mixed = forward(plain_denoiser, single_text), forward(plain_denoiser, mixed)
+            # the step's rows are traced to their texts, or the rating rows below time the cosine fallback
+            assert all(row is not None for row in controller.rates(*taken(single_text))[1]), "rows not traced"
             outside_call = lambda: contextvars.Context().run(single)  # no call scope: a hand-written loop
 
             plain_peak = peak_bytes(plain_single, device)
@@ -291,8 +302,11 @@ def main() -> None:
                 if "rating" not in args.skip:
                     results["rating saved per forward: rated every forward / pipeline call"] = timer.paired(
                         outside_call, single, args.repeats)
-            rating = statistics.median(timer.seconds(lambda: controller.rates(single_text)) for _ in range(5))
-            seconds_rows.append(("rating the text states once (s)", rating))
+            rating = lambda *rows: statistics.median(timer.seconds(lambda: controller.rates(*rows)) for _ in range(5))
+            seconds_rows.append(("rating the text states once (s)", rating(*taken(single_text))))
+            if family.pooled_argument:  # rows whose pooled text no observed encoder produced
+                text, pooled = taken(single_text)
+                seconds_rows.append(("rating once, untraced (cosine fallback) (s)", rating(text, torch.randn_like(pooled))))
 
             if "stacked" not in args.skip:
                 controller.set_memory("stacked")
@@ -314,7 +328,7 @@ def main() -> None:
 
             plain_peak = peak_bytes(plain_mixed, device)
             with controller.call_scope(mixed_gates):
-                assert controller.row_gates(inputs[controller.family.batch_argument.name], mixed.embeds).dim() == 2
+                assert controller.row_gates(inputs[family.batch_argument.name], *taken(mixed)).dim() == 2
                 results["spm mixed batch, pipeline call (stacked)"] = timer.paired(mixed_step, plain_mixed, args.repeats)
                 peaks.append((n, "stacked, mixed batch", peak_bytes(mixed_step, device) - plain_peak, membrane_bytes))
             controller.detach()

@@ -247,15 +247,20 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
             evaluation).as_dict()
     for name, concepts in LEVERS.items():
         for concept in concepts:
-            jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(
-                p, j, w, [c], seed_rows(output, c, f"SPM, {v}, transport tokensim", v, metric="tokensim"),
+            jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(p, j, w, [c], [
+                Condition("no membrane"), *seed_rows(output, c, f"SPM, {v}, transport tokensim", v, metric="tokensim")],
                 evaluation).as_dict()
     return jobs if plan.tables is None else {name: jobs[name] for name in plan.tables}
 
 
+def tables_folder(output: Path, evaluation: WorldEvaluation) -> Path:
+    """Where a draw's tables go: `tables` for the default draw (seed 0), `tables-seed<k>` for another."""
+    return output / ("tables" if evaluation.seed == 0 else f"tables-seed{evaluation.seed}")
+
+
 def evaluate(plan: Plan, output: Path, shard: tuple[int, int], pattern: str = "") -> None:
     world, judge, pipe = ConceptWorld(), load_judge(), load_concept_world_pipeline(family=plan.family)
-    tables = output / "tables"
+    tables = tables_folder(output, plan.evaluation)
     tables.mkdir(parents=True, exist_ok=True)
     for index, (name, job) in enumerate(evaluation_jobs(plan, output).items()):
         path = tables / f"{name}.json"
@@ -382,11 +387,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", default="", help="only the tables (evaluate) or the membranes "
                         "(train: 'variant/concept_sSEED') whose name matches this regex")
+    parser.add_argument("--evaluation-seed", type=int, default=0,
+                        help="evaluate: another draw of the held-out prompts and image seeds (tables in "
+                             "tables-seed<k>), to check figures read off the default draw")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     shard = tuple(int(x) for x in args.shard.split("/"))
     plan = make_plan(args.family)
+    plan = replace(plan, evaluation=replace(plan.evaluation, seed=args.evaluation_seed))
     output = Path(args.output or Path("outputs") / world_model(args.family).directory.name)
     {"train": lambda: train(plan, output, shard, args.jobs), "evaluate": lambda: evaluate(plan, output, shard, args.jobs),
      "report": lambda: report(plan, output), "ship": lambda: ship(plan, output)}[args.stage]()

@@ -179,6 +179,19 @@ LAYER_GROUPS = {
 }
 
 
+def tokensim_rows(plan: Plan, variant: str, concept: str) -> tuple[str, str] | None:
+    """The table and the row label (before " | seed k") where `variant`'s membranes of `concept` are
+    judged with transport `tokensim`, for the variants whose rows are labelled here (the one home of
+    those labels, which the tables are written and read by); None for the others."""
+    rows = {"shipped": (f"concept_{concept}", OURS),
+            "erase-only": (f"ablation_{concept}", "SPM without LA, transport tokensim"),
+            "unet-settings": (f"unet-settings_{concept}", "SPM, the UNet world's training settings, transport tokensim"),
+            **{name: (f"lever_{name}_{concept}", f"SPM, {name}, transport tokensim") for name in LEVERS},
+            **{name: (f"la_sweep_{concept}", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim")
+               for name in plan.la_sweep.get(concept, ())}}
+    return rows.get(variant)
+
+
 def layer_subset(output: Path, group: str, concept: str, seed: int) -> Path:
     """The shipped membrane of `concept` and `seed` with only the layers of `group` (written once)."""
     path = output / "membranes" / f"layers-{group.replace(' ', '-')}" / f"{concept}_s{seed}.safetensors"
@@ -224,7 +237,7 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
     for concept in ABLATED:
         jobs[f"ablation_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], [
             *seed_rows(output, c, PLAIN_LORA, "erase-only", as_lora=True),
-            *seed_rows(output, c, "SPM without LA, transport tokensim", "erase-only", metric="tokensim"),
+            *seed_rows(output, c, tokensim_rows(plan, "erase-only", c)[1], "erase-only", metric="tokensim"),
             *seed_rows(output, c, "SPM, no transport", transport=False),
         ], evaluation).as_dict()
     for concept in (c.name for c in ALL_CONCEPTS if c.name not in SIX):
@@ -238,17 +251,15 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         for group in LAYER_GROUPS for s in SEEDS], evaluation).as_dict()
     for concept, names in plan.la_sweep.items():
         jobs[f"la_sweep_{concept}"] = lambda p, j, w, c=concept, n=names: compare(p, j, w, [c], [
-            row for name in n
-            for row in seed_rows(output, c, f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim",
-                                 name, metric="tokensim")], evaluation).as_dict()
+            row for name in n for row in seed_rows(output, c, tokensim_rows(plan, name, c)[1], name, metric="tokensim")],
+            evaluation).as_dict()
     for concept in ABLATED:
         jobs[f"unet-settings_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], seed_rows(
-            output, c, "SPM, the UNet world's training settings, transport tokensim", "unet-settings", metric="tokensim"),
-            evaluation).as_dict()
+            output, c, tokensim_rows(plan, "unet-settings", c)[1], "unet-settings", metric="tokensim"), evaluation).as_dict()
     for name, concepts in LEVERS.items():
         for concept in concepts:
             jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(p, j, w, [c], [
-                Condition("no membrane"), *seed_rows(output, c, f"SPM, {v}, transport tokensim", v, metric="tokensim")],
+                Condition("no membrane"), *seed_rows(output, c, tokensim_rows(plan, v, c)[1], v, metric="tokensim")],
                 evaluation).as_dict()
     return jobs if plan.tables is None else {name: jobs[name] for name in plan.tables}
 

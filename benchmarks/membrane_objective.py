@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from concept_world_table import SEEDS, make_plan, membrane  # noqa: E402
+from concept_world_table import SEEDS, Plan, make_plan, membrane, tokensim_rows  # noqa: E402
 from diffusers_spm.concept_world import WORLDS, load_concept_world_pipeline, world_model  # noqa: E402
 from diffusers_spm.families import denoiser_of, family_of  # noqa: E402
 from diffusers_spm.layers import bank_of  # noqa: E402
@@ -35,16 +35,14 @@ from diffusers_spm.training import TrainingConfig  # noqa: E402
 from diffusers_spm.training.trainer import MembraneTrainer  # noqa: E402
 
 VALIDATION_SEED = 10_000  # no training run draws with it
-# table rows of the judge's erasure with transport tokensim, per variant (the label before " | seed k")
-JUDGED = {"shipped": ("concept_{c}", "SPM, transport tokensim"),
-          "erase-only": ("ablation_{c}", "SPM without LA, transport tokensim")}
 
 
-def judged_erasure(tables: Path, variant: str, concept: str, seed: int, la_strength: float) -> float | None:
-    table, label = JUDGED.get(variant, ("la_sweep_{c}", f"la_strength {la_strength:g}, transport tokensim"))
-    path = tables / f"{table.format(c=concept)}.json"
-    if not path.exists():
+def judged_erasure(plan: Plan, tables: Path, variant: str, concept: str, seed: int) -> float | None:
+    """The judge's erasure of the membrane with transport tokensim, if its table is written."""
+    rows = tokensim_rows(plan, variant, concept)
+    if rows is None or not (path := tables / f"{rows[0]}.json").exists():
         return None
+    label = rows[1]
     row = json.loads(path.read_text())["rows"].get(f"{label} | seed {seed}")
     return None if row is None else row["erasure"]
 
@@ -98,8 +96,7 @@ def main() -> None:
         if seed not in SEEDS or not path.exists() or not re.search(args.jobs, f"{variant}/{concept}_s{seed}"):
             continue
         measured = objective(pipe, path, args.draws)
-        la_strength = plan.variants[variant].settings.la_strength
-        judged = judged_erasure(output / "tables", variant, concept, seed, la_strength)
+        judged = judged_erasure(plan, output / "tables", variant, concept, seed)
         print(f"| {variant}/{concept}_s{seed} | {measured['erase']:.4f} / {measured['erase at zero']:.4f} "
               f"({measured['erase'] / measured['erase at zero']:.3f}) | {measured['anchor']:.5f} | "
               f"{'' if judged is None else f'{judged:.3f}'} |", flush=True)

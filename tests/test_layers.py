@@ -58,6 +58,12 @@ def test_trained_or_quantized_banks_never_merge():
     assert bank.can_merge
     bank.down.requires_grad_(True)
     assert not bank.can_merge  # a merge would carry no gradient to the membrane
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantized = nn.Linear(16, 16)
+    quantize_(quantized, Int8WeightOnlyConfig())
+    assert not bank_on(quantized).can_merge  # the sum would have to be quantized again
 
 
 def test_auto_memory_merges_per_layer_where_cheaper_keeps_no_copy_and_stacked_never_merges(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import numbers
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence, get_args
 
 import torch
 from diffusers.hooks import ModelHook
@@ -43,7 +43,7 @@ CONTROLLER_HOOK = "spm_controller"
 # `set_spm_memory`: "auto" (default) merges a layer transiently where that is cheaper, one layer's copy
 # at a time; "stacked" never copies a weight; "merged" keeps every merged weight for the call.
 MemoryMode = Literal["auto", "stacked", "merged"]
-MEMORY_MODES: tuple[str, ...] = ("auto", "stacked", "merged")
+MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 
 
 def check_scale(name: str, value: Any) -> float:

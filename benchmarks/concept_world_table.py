@@ -12,9 +12,11 @@ one thread each. On 2 CPU cores the whole UNet run takes about 2 hours.
     python benchmarks/concept_world_table.py ship                     # seed-0 membranes into the package
 
 `--family sd3` runs the DiT world's acceptance set instead (issue 11; outputs in
-outputs/concept_world_sd3): red and circle over 3 seeds with both transport rates, their
-la_strength sweeps below 1 (flow matching's loss scale differs from epsilon's, docs/training.md), the
-ablations (plain LoRA, no LA, no transport), each trained in context, and with the UNet world's settings.
+outputs/concept_world_sd3): red and circle, trained in context (the family's default), over 3 seeds
+with both transport rates, their la_strength sweeps below 1 (flow matching's loss scale differs from
+epsilon's, docs/training.md), the ablations (plain LoRA, no LA, no transport), the bare word beside
+the default, and the UNet world's settings. `--family unet` also trains every concept in context
+(the `in-context` lever) beside its default, the bare word.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from diffusers_spm.concept_world.experiments import (
     WorldTraining,
     before_after_grid,
     compare,
-    context_templates,
     implicit_frequency,
     train_world_membrane,
     world_training,
@@ -76,8 +77,11 @@ class Variant:
     action: str = "erase_with_la"
 
 
-LEVERS = {"generic-noun": ("striped",), "texture-in-context": ("striped", "dotted"),
-          "colour-in-context": ("red",), "shape-in-context": ("circle",)}
+# The UNet world's levers (trained by the bare word by default): variant -> the concepts it trains,
+# in context the four the bare word misses first.
+MISSED = ("striped", "dotted", "green", "solid")
+LEVERS = {"generic-noun": ("striped",),
+          "in-context": (*MISSED, *(c.name for c in ALL_CONCEPTS if c.name not in MISSED))}
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Plan:
     tables: tuple[str, ...] | None  # the evaluation jobs it runs (None: all)
     # concept -> the variants of its la_strength sweep, by strength (the default's row is its concept table's)
     la_sweep: dict[str, tuple[str, ...]]
+    levers: dict[str, tuple[str, ...]]  # variant -> the concepts of its lever table (no membrane beside it)
     grid: tuple[str, ...]  # concepts erased at once in the report's grid (seed-0 membranes)
     grid_name: str
     evaluation: WorldEvaluation  # COUNTS at the world's guidance scale
@@ -97,19 +102,20 @@ class Plan:
 
 def make_plan(family: str) -> Plan:
     base = replace(world_training(family), save_every=50)
+    bare = replace(base, in_context=False)  # the concept's own word, or the templates around it
     strengths = {concept: tuple(s for s in values if s != base.la_strength) for concept, values in LA_SWEEP[family].items()}
     sweep = {strength: f"la{strength:g}" for values in strengths.values() for strength in values}
     variants = {v.name: v for v in (
         Variant("shipped", base),
         Variant("random-anchors", replace(base, anchor_unconditional=False)),
-        Variant("templates", replace(base, use_template=True)),
+        Variant("templates", replace(bare, use_template=True)),
+        Variant("bare-word", bare),  # the reference's form, where the family's default trains in context
         Variant("erase-only", base, action="erase"),
         Variant("stale5", replace(base, denoise_batch=5)),
         *(Variant(name, replace(base, la_strength=strength)) for strength, name in sweep.items()),
-        # Texture levers: the concept trained in context, its surrogate the same context without it.
-        Variant("generic-noun", replace(base, templates=GENERIC_NOUN_TEMPLATES)),
-        *(Variant(f"{kind}-in-context", replace(base, templates=context_templates(kind)))
-          for kind in ("texture", "colour", "shape")),
+        # Levers: the concept trained in context, its surrogate the same context without it.
+        Variant("generic-noun", replace(bare, templates=GENERIC_NOUN_TEMPLATES)),
+        Variant("in-context", replace(bare, in_context=True)),
         # The UNet world's settings on another world (the DiT world's are cut for cost).
         Variant("unet-settings", replace(world_training("unet"), save_every=50)),
     )}
@@ -126,17 +132,19 @@ def make_plan(family: str) -> Plan:
                 + [(v, "red", s) for v in ("erase-only", "la10", "la0", "templates", "la100") for s in SEEDS]
                 + [(v, "circle", s) for v in ("stale5", "erase-only") for s in SEEDS]
                 + [(v, c, s) for v, concepts in LEVERS.items() for c in concepts for s in SEEDS])
-        return Plan(family, variants, tuple(jobs), None, la_sweep, SIX, "grid_six.png", evaluation)
-    # The DiT world's acceptance set (issue 11): red and circle, their la_strength sweeps, their ablations.
+        return Plan(family, variants, tuple(jobs), None, la_sweep, LEVERS, SIX, "grid_six.png", evaluation)
+    # The DiT world's acceptance set (issue 11): red and circle (trained in context, the family's default),
+    # their la_strength sweeps, their ablations, the bare word beside them.
+    levers = {"bare-word": ABLATED}
     jobs = ([("shipped", c, s) for c in ABLATED for s in SEEDS]
             + [("erase-only", c, s) for c in ABLATED for s in SEEDS]
             + [(f"la{strength:g}", c, s) for c, values in strengths.items() for strength in values for s in SEEDS]
-            + [(v, c, s) for v, c in (("colour-in-context", "red"), ("shape-in-context", "circle")) for s in SEEDS]
+            + [(v, c, s) for v, concepts in levers.items() for c in concepts for s in SEEDS]
             + [("unet-settings", c, s) for c in ABLATED for s in SEEDS])
-    tables = (*(f"concept_{c}" for c in ABLATED), *(f"la_sweep_{c}" for c in la_sweep),
-              *(f"ablation_{c}" for c in ABLATED), "lever_colour-in-context_red", "lever_shape-in-context_circle",
+    tables = (*(f"concept_{c}" for c in ABLATED), *(f"ablation_{c}" for c in ABLATED),
+              *(f"la_sweep_{c}" for c in la_sweep), *(f"lever_{v}_{c}" for v, cs in levers.items() for c in cs),
               "layers_red", *(f"unet-settings_{c}" for c in ABLATED))
-    return Plan(family, variants, tuple(jobs), tables, la_sweep, ABLATED, "grid_red_circle.png", evaluation)
+    return Plan(family, variants, tuple(jobs), tables, la_sweep, levers, ABLATED, "grid_red_circle.png", evaluation)
 
 
 def membrane(output: Path, variant: str, concept: str, seed: int, step: int | None = None) -> Path:
@@ -186,7 +194,7 @@ def tokensim_rows(plan: Plan, variant: str, concept: str) -> tuple[str, str] | N
     rows = {"shipped": (f"concept_{concept}", OURS),
             "erase-only": (f"ablation_{concept}", "SPM without LA, transport tokensim"),
             "unet-settings": (f"unet-settings_{concept}", "SPM, the UNet world's training settings, transport tokensim"),
-            **{name: (f"lever_{name}_{concept}", f"SPM, {name}, transport tokensim") for name in LEVERS},
+            **{name: (f"lever_{name}_{concept}", f"SPM, {name}, transport tokensim") for name in plan.levers},
             **{name: (f"la_sweep_{concept}", f"la_strength {plan.variants[name].settings.la_strength:g}, transport tokensim")
                for name in plan.la_sweep.get(concept, ())}}
     return rows.get(variant)
@@ -227,6 +235,11 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         *(row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
                                                      metric="tokensim", floor=floor)),
     ], sampler=evaluation)
+    jobs["implicit_red_in-context"] = lambda p, j, w: implicit_frequency(p, j, w, "red", [
+        Condition("no membrane"),
+        *seed_rows(output, "red", "SPM in context, no transport", "in-context", transport=False),
+        *spm_rows(output, "red", "in-context", "SPM in context"),
+    ], sampler=evaluation)
     jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
         row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
                                                      metric="tokensim", floor=floor)], evaluation).as_dict()
@@ -256,7 +269,7 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
     for concept in ABLATED:
         jobs[f"unet-settings_{concept}"] = lambda p, j, w, c=concept: compare(p, j, w, [c], seed_rows(
             output, c, tokensim_rows(plan, "unet-settings", c)[1], "unet-settings", metric="tokensim"), evaluation).as_dict()
-    for name, concepts in LEVERS.items():
+    for name, concepts in plan.levers.items():
         for concept in concepts:
             jobs[f"lever_{name}_{concept}"] = lambda p, j, w, c=concept, v=name: compare(p, j, w, [c], [
                 Condition("no membrane"), *seed_rows(output, c, tokensim_rows(plan, v, c)[1], v, metric="tokensim")],
@@ -348,6 +361,27 @@ def acceptance(tables: Path) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def lever_summary(plan: Plan, tables: Path, variant: str) -> str:
+    """One row per concept of a lever: its erasure beside the default's (transport tokensim, per seed),
+    its largest preservation drop from no membrane and its worst alteration, and whether it meets the
+    single-concept target (erasure >= 0.90 on every seed, preservation within 5 points)."""
+    lines = [f"| concept | default: erasure per seed | {variant}: erasure per seed | largest preservation drop | "
+             "worst alteration | target met |", "|---|---|---|---|---|---|"]
+    for concept in plan.levers[variant]:
+        table, label = tokensim_rows(plan, variant, concept)
+        paths = tables / f"{table}.json", tables / f"concept_{concept}.json"
+        if not all(p.exists() for p in paths):
+            continue
+        lever, default = (seed_groups(json.loads(p.read_text())["rows"]) for p in paths)
+        ours = lever[label]
+        drop = lever["no membrane"][0]["preservation"] - min(r["preservation"] for r in ours)
+        met = min(r["erasure"] for r in ours) >= 0.9 and drop <= 0.05
+        lines.append(f"| {concept} | {spread([r['erasure'] for r in default[OURS]], min)} | "
+                     f"{spread([r['erasure'] for r in ours], min)} | {drop:.3f} | "
+                     f"{max(r['alteration'] for r in ours):.4f} | {'yes' if met else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def report(plan: Plan, output: Path) -> None:
     """results.md from every table written so far (with the acceptance check once its tables exist),
     and the grid of the plan's concepts erased at once."""
@@ -355,6 +389,10 @@ def report(plan: Plan, output: Path) -> None:
     criteria = acceptance(output / "tables")
     if criteria:
         sections.append(f"## acceptance (issue 11's criteria: worst of {len(SEEDS)} seeds, transport tokensim)\n\n{criteria}")
+    for variant, concepts in plan.levers.items():
+        summary = lever_summary(plan, output / "tables", variant)
+        if summary:
+            sections.append(f"## {variant} beside the default, per concept (transport tokensim)\n\n{summary}")
     for path in sorted((output / "tables").glob("*.json")):
         table = json.loads(path.read_text())
         body = comparison_table(table) if "erased" in table else frequency_table(table)

@@ -33,7 +33,13 @@ from diffusers_spm.concept_world import (
     weights_available,
 )
 from diffusers_spm import Membrane
-from diffusers_spm.concept_world.experiments import WorldTraining, context_templates, train_world_membrane
+from diffusers_spm.concept_world.experiments import (
+    WorldTraining,
+    context_templates,
+    train_world_membrane,
+    training_config,
+    world_training,
+)
 from diffusers_spm.concept_world.world import BACKGROUND_RGB, COLOUR_RGB
 
 SMALL = ConceptWorld(shapes=("circle", "triangle", "cross"), colours=("red", "green", "blue"), textures=("solid", "striped"))
@@ -252,6 +258,24 @@ def test_shipped_model_draws_the_concept_named():
     # chance is 1/6, 1/6, 1/3 and joint 1/108. The floors allow two more misses than measured.
     assert acc["shape"] >= 0.9 and acc["colour"] >= 0.95 and acc["texture"] >= 0.9
     assert acc["joint"] >= 0.89
+
+
+def test_in_context_training_gives_each_concept_the_captions_of_its_kind(tmp_path):
+    """`WorldTraining.in_context` (the DiT world's default) reaches the trainer per concept: a colour
+    among shapes and textures, a shape among colours and textures; it excludes the other template forms."""
+    settings = WorldTraining(in_context=True)
+    for concept, kind, first in (("red", "colour", "solid {} circle"), ("circle", "shape", "solid red {}"),
+                                 ("dotted", "texture", "{} red circle")):
+        templates = context_templates(kind)
+        assert settings.templates_for(concept) == templates and templates[0] == first
+        config = training_config(concept, "erase_with_la", settings, tmp_path)
+        assert config.concepts[0].templates == list(templates) and not config.concepts[0].use_template
+    assert WorldTraining(templates=("a {}",)).templates_for("red") == ("a {}",)
+    assert world_training("sd3").in_context and not world_training("unet").in_context
+    with pytest.raises(ValueError, match="in_context picks each concept's templates"):
+        WorldTraining(in_context=True, use_template=True)
+    with pytest.raises(KeyError, match="'mauve' is not a concept"):
+        settings.templates_for("mauve")
 
 
 @needs_weights

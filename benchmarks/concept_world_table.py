@@ -178,6 +178,12 @@ def spm_rows(output: Path, concept: str, variant: str = "shipped", label: str = 
                                                            metric=metric)]
 
 
+def floor_rows(output: Path, variant: str, label: str) -> list[Condition]:
+    """`variant`'s red membranes with transport tokensim at each rate floor of FLOORS."""
+    return [row for floor in FLOORS for row in seed_rows(output, "red", f"{label}, transport tokensim, floor {floor:g}",
+                                                         variant, metric="tokensim", floor=floor)]
+
+
 # Layer groups of an SD3 membrane (runtime names), for the evidence behind the DiT layer choice
 # (docs/models.md): the shipped membranes with only one group of their layers kept.
 LAYER_GROUPS = {
@@ -232,17 +238,18 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         *spm_rows(output, "red"),
         *seed_rows(output, "red", "SPM, random anchors only, no transport", "random-anchors", transport=False),
         *seed_rows(output, "red", "SPM, random anchors only, transport clipcos_tokenuni", "random-anchors"),
-        *(row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
-                                                     metric="tokensim", floor=floor)),
+        *floor_rows(output, "shipped", "SPM"),
     ], sampler=evaluation)
+    jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], floor_rows(output, "shipped", "SPM"),
+                                                evaluation).as_dict()
+    # Red trained in context: on the implicit prompts, and what always on and the floors cost it.
+    always_on = seed_rows(output, "red", "SPM in context, no transport", "in-context", transport=False)
     jobs["implicit_red_in-context"] = lambda p, j, w: implicit_frequency(p, j, w, "red", [
-        Condition("no membrane"),
-        *seed_rows(output, "red", "SPM in context, no transport", "in-context", transport=False),
-        *spm_rows(output, "red", "in-context", "SPM in context"),
+        Condition("no membrane"), *always_on, *spm_rows(output, "red", "in-context", "SPM in context"),
+        *floor_rows(output, "in-context", "SPM in context"),
     ], sampler=evaluation)
-    jobs["floor_red"] = lambda p, j, w: compare(p, j, w, ["red"], [
-        row for floor in FLOORS for row in seed_rows(output, "red", f"SPM, transport tokensim, floor {floor:g}",
-                                                     metric="tokensim", floor=floor)], evaluation).as_dict()
+    jobs["floor_red_in-context"] = lambda p, j, w: compare(p, j, w, ["red"], [
+        *always_on, *floor_rows(output, "in-context", "SPM in context")], evaluation).as_dict()
     for variant in ("shipped", "stale5"):
         jobs[f"time_{variant}_red"] = lambda p, j, w, v=variant: compare(p, j, w, ["red"], [
             Condition(f"step {step} | seed {s}", [membrane(output, v, "red", s, step)], metric="tokensim")

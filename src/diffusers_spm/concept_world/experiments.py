@@ -45,8 +45,8 @@ logger = logging.getLogger(__name__)
 MEMBRANES_DIR = world_model("unet").membranes_dir
 
 
-# Prompts that put a concept in context, for `WorldTraining.templates` (docs/concept-world.md, "Texture
-# levers"). The world's caption templates around its generic noun: "a photo of a {} shape".
+# Prompts that put a concept in context, for `WorldTraining.templates` (docs/concept-world.md, "Training
+# in context"). The world's caption templates around its generic noun: "a photo of a {} shape".
 GENERIC_NOUN_TEMPLATES: tuple[str, ...] = tuple(
     t.format(np="{} shape") for t in OUTER_TEMPLATES if "{bg}" not in t)
 

@@ -227,11 +227,12 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         if concept in ABLATED:
             jobs[f"anchoring_{concept}"] = lambda p, j, w, c=concept: compare(
                 p, j, w, [c], spm_rows(output, c, "random-anchors", "SPM, random anchors only"), evaluation).as_dict()
-    for seed in SEEDS:
-        files = [membrane(output, "shipped", c, seed) for c in SIX]
-        jobs[f"six_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [
-            Condition("no membrane"), *(Condition(f"SPM, transport {m}", f, metric=m) for m in METRICS)],
-            evaluation).as_dict()
+    for variant, prefix in (("shipped", "six"), ("in-context", "six_in-context")):  # six at once, per seed
+        for seed in SEEDS:
+            files = [membrane(output, variant, c, seed) for c in SIX]
+            jobs[f"{prefix}_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [
+                Condition("no membrane"), *(Condition(f"SPM, transport {m}", f, metric=m) for m in METRICS)],
+                evaluation).as_dict()
     jobs["implicit_red"] = lambda p, j, w: implicit_frequency(p, j, w, "red", [
         Condition("no membrane"),
         *seed_rows(output, "red", "SPM, no transport", transport=False),

@@ -4,7 +4,7 @@ ablations, the la_strength sweep and time to a good membrane.
 Trains membranes with the real trainer on a shipped concept-world model, then measures erasure /
 preservation / alteration with its judge (docs/concept-world.md). Each stage is resumable (a
 membrane or table already written is kept) and can be split across processes with `--shard k/n`,
-one thread each. On 2 CPU cores the whole UNet run takes about 2 hours.
+one thread each. On 2 CPU cores the whole UNet run takes about 3 hours.
 
     python benchmarks/concept_world_table.py train    --shard 0/2 &   # and --shard 1/2 beside it
     python benchmarks/concept_world_table.py evaluate --shard 0/2 &   # and --shard 1/2
@@ -397,7 +397,7 @@ def report(plan: Plan, output: Path) -> None:
     criteria = acceptance(output / "tables")
     if criteria:
         sections.append(f"## acceptance (issue 11's criteria: worst of {len(SEEDS)} seeds, transport tokensim)\n\n{criteria}")
-    for variant, concepts in plan.levers.items():
+    for variant in plan.levers:
         summary = lever_summary(plan, output / "tables", variant)
         if summary:
             sections.append(f"## {variant} beside the default, per concept (transport tokensim)\n\n{summary}")

@@ -250,7 +250,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     text_tokens = TEXT_LENGTH[args.family] if args.family in ("sd15", "sdxl") else args.text_tokens or TEXT_LENGTH[args.family]
-    denoiser, inputs, title = build(args.family, args.latent, args.blocks, text_tokens)
+    with torch.device(device):  # a full-size Flux initialises in seconds on an accelerator, minutes on a CPU
+        denoiser, inputs, title = build(args.family, args.latent, args.blocks, text_tokens)
     denoiser = denoiser.to(device, dtype).eval()
     plain_denoiser = plain_copy(denoiser)
     inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v

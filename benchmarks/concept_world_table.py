@@ -16,7 +16,8 @@ outputs/concept_world_sd3): red and circle, trained in context (the family's def
 with both transport rates, their la_strength sweeps below 1 (flow matching's loss scale differs from
 epsilon's, docs/training.md), the ablations (plain LoRA, no LA, no transport), the bare word beside
 the default, and the UNet world's settings. `--family unet` also trains every concept in context
-(the `in-context` lever) beside its default, the bare word.
+(the `in-context` lever) and half on the bare word, half in context (`mixed`) beside its default, the
+bare word.
 """
 
 from __future__ import annotations
@@ -78,10 +79,10 @@ class Variant:
 
 
 # The UNet world's levers (trained by the bare word by default): variant -> the concepts it trains,
-# in context the four the bare word misses first.
+# in context and mixed the four the bare word misses first.
 MISSED = ("striped", "dotted", "green", "solid")
-LEVERS = {"generic-noun": ("striped",),
-          "in-context": (*MISSED, *(c.name for c in ALL_CONCEPTS if c.name not in MISSED))}
+EVERY_CONCEPT = (*MISSED, *(c.name for c in ALL_CONCEPTS if c.name not in MISSED))
+LEVERS = {"generic-noun": ("striped",), "in-context": EVERY_CONCEPT, "mixed": EVERY_CONCEPT}
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def make_plan(family: str) -> Plan:
         # Levers: the concept trained in context, its surrogate the same context without it.
         Variant("generic-noun", replace(bare, templates=GENERIC_NOUN_TEMPLATES)),
         Variant("in-context", replace(bare, in_context=True)),
+        Variant("mixed", replace(bare, in_context=True, bare_word_share=0.5)),  # half bare word, half in context
         # The UNet world's settings on another world (the DiT world's are cut for cost).
         Variant("unet-settings", replace(world_training("unet"), save_every=50)),
     )}
@@ -227,7 +229,8 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
         if concept in ABLATED:
             jobs[f"anchoring_{concept}"] = lambda p, j, w, c=concept: compare(
                 p, j, w, [c], spm_rows(output, c, "random-anchors", "SPM, random anchors only"), evaluation).as_dict()
-    for variant, prefix in (("shipped", "six"), ("in-context", "six_in-context")):  # six at once, per seed
+    # six at once, per seed, for the default and each form of training prompt that trains the six
+    for variant, prefix in (("shipped", "six"), ("in-context", "six_in-context"), ("mixed", "six_mixed")):
         for seed in SEEDS:
             files = [membrane(output, variant, c, seed) for c in SIX]
             jobs[f"{prefix}_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [
@@ -251,6 +254,18 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
     ], sampler=evaluation)
     jobs["floor_red_in-context"] = lambda p, j, w: compare(p, j, w, ["red"], [
         *always_on, *floor_rows(output, "in-context", "SPM in context")], evaluation).as_dict()
+    # The other training forms on the implicit prompts, always on and with tokensim: red mixed, and a
+    # second colour in each form (with the reference's rate for the default's).
+    def form_rows(concept: str, variant: str) -> list[Condition]:
+        return [*seed_rows(output, concept, f"SPM {variant}, no transport", variant, transport=False),
+                *seed_rows(output, concept, f"SPM {variant}, transport tokensim", variant, metric="tokensim")]
+
+    jobs["implicit_red_mixed"] = lambda p, j, w: implicit_frequency(p, j, w, "red", [
+        Condition("no membrane"), *form_rows("red", "mixed")], sampler=evaluation)
+    jobs["implicit_blue"] = lambda p, j, w: implicit_frequency(p, j, w, "blue", [
+        Condition("no membrane"), *seed_rows(output, "blue", "SPM, no transport", transport=False),
+        *spm_rows(output, "blue"), *form_rows("blue", "in-context"), *form_rows("blue", "mixed"),
+    ], sampler=evaluation)
     for variant in ("shipped", "stale5"):
         jobs[f"time_{variant}_red"] = lambda p, j, w, v=variant: compare(p, j, w, ["red"], [
             Condition(f"step {step} | seed {s}", [membrane(output, v, "red", s, step)], metric="tokensim")

@@ -278,6 +278,18 @@ def test_in_context_training_gives_each_concept_the_captions_of_its_kind(tmp_pat
         settings.templates_for("mauve")
 
 
+def test_bare_word_share_mixes_the_bare_word_into_the_contexts():
+    """The `mixed` lever: the template "{}" (the bare word) drawn in the asked share of iterations."""
+    contexts = context_templates("colour")
+    for share, bare in ((0.5, len(contexts)), (0.25, len(contexts) // 3), (0.0, 0)):
+        templates = WorldTraining(in_context=True, bare_word_share=share).templates_for("red")
+        assert templates[:len(contexts)] == contexts and templates[len(contexts):] == ("{}",) * bare
+    for bad in ({"bare_word_share": 0.5}, {"in_context": True, "bare_word_share": 1.0},
+                {"in_context": True, "bare_word_share": -0.1}):
+        with pytest.raises(ValueError, match="bare_word_share mixes the bare word into in_context training"):
+            WorldTraining(**bad)
+
+
 @needs_weights
 def test_world_membrane_trains_in_context_and_resumes_an_interrupted_run(tmp_path, caplog):
     """The benchmark's runs go on from their last checkpoint, and the result is the uninterrupted run's;

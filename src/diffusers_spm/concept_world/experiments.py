@@ -82,6 +82,9 @@ class WorldTraining:
     # Each concept in the captions of the world's other two kinds (`context_templates` of its kind):
     # the per-concept form of `templates`, for settings shared by concepts of every kind.
     in_context: bool = False
+    # With `in_context`, the share of iterations drawn on the bare word instead of a context (the
+    # template "{}", repeated among the contexts): 0.5 mixes the two forms half and half.
+    bare_word_share: float = 0.0
     anchor_unconditional: bool = True
     denoise_batch: int = 1
     seed: int = 0
@@ -90,12 +93,18 @@ class WorldTraining:
     def __post_init__(self) -> None:
         if self.in_context and (self.templates or self.use_template):
             raise ValueError("in_context picks each concept's templates itself; leave templates and use_template unset")
+        if not 0 <= self.bare_word_share < 1 or (self.bare_word_share and not self.in_context):
+            raise ValueError(f"bare_word_share mixes the bare word into in_context training: set in_context and a "
+                             f"share in [0, 1), got in_context={self.in_context}, share={self.bare_word_share}")
 
     def templates_for(self, concept: str) -> tuple[str, ...]:
-        """The trainer's `templates` for `concept`: its context's when `in_context`, else `templates`."""
+        """The trainer's `templates` for `concept`: its context's when `in_context` (with the bare word
+        "{}" repeated to `bare_word_share` of them), else `templates`."""
         if not self.in_context:
             return self.templates
-        return context_templates(ConceptWorld().concept(concept).kind)
+        contexts = context_templates(ConceptWorld().concept(concept).kind)
+        bare = round(len(contexts) * self.bare_word_share / (1 - self.bare_word_share))
+        return contexts + ("{}",) * bare
 
 
 # The settings each world's membranes train with by default, by denoiser family: the one place where

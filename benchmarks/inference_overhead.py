@@ -39,8 +39,9 @@ forward computes its gates through `MembraneController.row_gates`. Configuration
 - `reference separate`: N adapters patched in one after another, as the reference applies them.
 
 Peak memory over the plain denoiser, per SPM configuration: on CUDA `max_memory_allocated`, on CPU
-the peak of the allocations PyTorch's profiler records during one step (`profile_memory`), each over
-the same measure of a plain step; beside it the bound (largest adapted layer + the membranes).
+the peak of the allocations PyTorch's profiler records during one step (`profile_memory`), a call's
+first (which also makes what the call keeps, each layer's gate-scaled U), each over the same measure
+of a plain step; beside it the bound (largest adapted layer + the membranes).
 
 `--skip stacked merged peft reference rating` leaves configurations out; `--text-tokens` shortens a DiT's text
 states (Flux's `max_sequence_length`) for a quicker CPU run.
@@ -297,9 +298,11 @@ def main() -> None:
 
             plain_peak = peak_bytes(plain_single, device)
             results["plain against plain (the noise floor)"] = timer.paired(plain_single, plain_single, args.repeats)
+            # Peaks are read on a call's first step, which also makes what the call keeps (each layer's scaled U).
+            with controller.call_scope(single_gates):
+                peaks.append((n, "auto, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
             with controller.call_scope(single_gates):
                 results["spm single prompt, pipeline call (auto, default)"] = timer.paired(single, plain_single, args.repeats)
-                peaks.append((n, "auto, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
                 if "rating" not in args.skip:
                     results["rating saved per forward: rated every forward / pipeline call"] = timer.paired(
                         outside_call, single, args.repeats)
@@ -312,8 +315,9 @@ def main() -> None:
             if "stacked" not in args.skip:
                 controller.set_memory("stacked")
                 with controller.call_scope(single_gates):
-                    results["spm single prompt, pipeline call (stacked)"] = timer.paired(single, plain_single, args.repeats)
                     peaks.append((n, "stacked, single prompt", peak_bytes(single, device) - plain_peak, membrane_bytes))
+                with controller.call_scope(single_gates):
+                    results["spm single prompt, pipeline call (stacked)"] = timer.paired(single, plain_single, args.repeats)
                 controller.set_memory("auto")
 
             if "merged" not in args.skip:

@@ -74,9 +74,9 @@ def test_auto_memory_merges_per_layer_where_cheaper_keeps_no_copy_and_stacked_ne
     merged_layers, kept = [], []
     original = MembraneBank.merged_weight
 
-    def spy(bank, weight, gates):
+    def spy(bank, weight, gates, scaled_up=None):
         merged_layers.append(id(bank))
-        return original(bank, weight, gates)
+        return original(bank, weight, gates, scaled_up)
 
     def run():
         g = torch.Generator().manual_seed(0)
@@ -105,3 +105,37 @@ def test_unknown_memory_mode_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="SPM memory mode must be one of 'auto', 'stacked', 'merged', got 'fast'"):
         pipe.set_spm_memory("fast")
     assert MembraneController.of(pipe.unet).memory == "auto"
+
+
+@pytest.mark.parametrize("memory", ["auto", "stacked"])
+def test_each_layer_scales_its_membranes_once_per_call(tmp_path, monkeypatch, memory):
+    """Rows that share their gates share them for the whole call: each layer folds the gates into `U`
+    once per call (a kernel or more per layer and step saved on a GPU), and the images are unchanged."""
+    pipe = tiny_pipeline()
+    random_membrane(pipe.unet, ["snoopy"], seed=1, std=0.3).save(tmp_path / "m.safetensors")
+    pipe.load_spm(tmp_path / "m.safetensors")
+    pipe.set_spm_memory(memory)
+    controller = MembraneController.of(pipe.unet)
+    scaled, original = [], MembraneBank.scaled_up
+
+    def spy(bank, gates, dtype):
+        scaled.append(id(bank))
+        return original(bank, gates, dtype)
+
+    def run(steps):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a photo of snoopy", generator=g, num_inference_steps=steps, height=32, width=32,
+                    output_type="np").images
+
+    monkeypatch.setattr(MembraneBank, "scaled_up", spy)
+    kept = run(3)
+    banks = sorted(id(bank) for _, bank in controller.banks())
+    assert sorted(scaled) == banks  # 3 steps, one scaling per layer
+    scaled.clear()
+    pipe.set_spm_scale(0.5)  # new gates: scaled again in the next call, and the images follow
+    halved = run(3)
+    assert sorted(scaled) == banks and abs(halved - kept).max() > 1e-3
+    assert controller.call is None  # the kept tensors went with their call
+    pipe.set_spm_scale(1.0)
+    assert abs(run(3) - kept).max() == 0  # nothing of the halved call is reused
+

@@ -119,11 +119,15 @@ Rated = tuple[torch.Tensor, list[TextRow | None]]  # [B, N] raw rates of text ro
 
 @dataclass
 class CallScope:
-    """One pipeline call: its per-prompt gates (families rated per call), the rates of its text states
-    and its merged weights (per layer, with `set_spm_memory("merged")`) live only as long as it runs."""
+    """One pipeline call: its per-prompt gates (families rated per call), the rates of its text states,
+    each layer's gate-scaled `U` and its merged weights (with `set_spm_memory("merged")`) live only as
+    long as it runs."""
 
     controller: "MembraneController"
     prompt_gates: PromptGates | None = None
+    # Per layer hook, keyed by the forward's `call_key`: the same for every step of a call whose rows
+    # share their gates, so each layer scales `U` (and, merged, builds `W + dW`) once per call, not per step.
+    scaled_up: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
     merged: dict[int, tuple[tuple, torch.Tensor]] = field(default_factory=dict)
     # ids of (text states, pooled text) -> (the tensors, weakly; their stamp; their rates): a pipeline passes
     # the same tensors to every denoiser step, so they are traced and rated once per call, not once per step.
@@ -157,9 +161,11 @@ class ForwardGates:
 
     controller: "MembraneController"
     gates: torch.Tensor  # [N] shared by all rows, or [B, N]; empty when every gate is zero
-    merge_key: tuple | None  # set when rows share gates inside a call scope: the merged weights' key
+    # Set when rows share gates inside a call scope: the key of the call's per-layer tensors (`CallScope`).
+    call_key: tuple | None
     # Whether a layer may run on a transient `W + dW` where that is cheaper (`set_spm_memory("auto")`).
     transient_merge: bool = False
+    keep_merged: bool = False  # `set_spm_memory("merged")`: keep each layer's `W + dW` for the call
 
     @property
     def off(self) -> bool:
@@ -596,9 +602,9 @@ class MembraneController(ModelHook):
             gates = gates[0]
         if not bool(gates.any()):
             return self._off
-        merges = self._memory == "merged" and self.call is not None and gates.dim() == 1
-        merge_key = (self.version, tuple(gates.tolist())) if merges else None
-        return ForwardGates(self, gates.to(sample.device), merge_key, transient_merge=self._memory != "stacked")
+        call_key = (self.version, tuple(gates.tolist())) if self.call is not None and gates.dim() == 1 else None
+        return ForwardGates(self, gates.to(sample.device), call_key, transient_merge=self._memory != "stacked",
+                            keep_merged=self._memory == "merged")
 
     def gates_for(self, x: torch.Tensor) -> ForwardGates | None:
         """The gates a layer applies now; a layer called outside a denoiser forward applies the scales."""

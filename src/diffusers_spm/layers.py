@@ -16,7 +16,7 @@ been fused.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -150,12 +150,19 @@ class MembraneBank(nn.Module):
         delta = (self.up.detach().float() * coef) @ down
         return delta.view(self.up.shape[0], *self.in_shape)
 
-    def merged_weight(self, weight: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def scaled_up(self, gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`U` with each row's coefficient folded in, for gates [N] shared by all rows: `U diag(c) D x`
+        is the delta with no per-row scaling left to do."""
+        return (self.up.detach().float() * self.row_coefficients(gates)).to(dtype)
+
+    def merged_weight(self, weight: torch.Tensor, gates: torch.Tensor,
+                      scaled_up: torch.Tensor | None = None) -> torch.Tensor:
         """`W + sum_i g_i * scale_i * U_i D_i` for gates [N], as one new tensor in W's dtype and shape
-        (one `addmm`: a single copy of the layer; the base weight is not touched)."""
-        up = (self.up.detach().float() * self.row_coefficients(gates)).to(weight.device, weight.dtype)
+        (one `addmm`: a single copy of the layer; the base weight is not touched). `scaled_up`: this
+        bank's `scaled_up(gates, W's dtype)`, when the caller keeps it."""
+        up = self.scaled_up(gates, weight.dtype) if scaled_up is None else scaled_up
         down = self.down.detach().flatten(1).to(weight.device, weight.dtype)
-        return torch.addmm(weight.flatten(1), up, down).view_as(weight)
+        return torch.addmm(weight.flatten(1), up.to(weight.device, weight.dtype), down).view_as(weight)
 
     @property
     def can_merge(self) -> bool:
@@ -172,8 +179,10 @@ class MembraneBank(nn.Module):
         positions = x.numel() // (x.shape[1] if self.is_conv else x.shape[-1])
         return positions * (in_features + out_features) > in_features * out_features
 
-    def add_delta(self, base: nn.Module, x: torch.Tensor, out: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """`out + U (G * D x)` for gates [N] (shared) or [B, N] (one row of gates per sample).
+    def add_delta(self, base: nn.Module, x: torch.Tensor, out: torch.Tensor, gates: torch.Tensor,
+                  scaled_up: torch.Tensor | None = None) -> torch.Tensor:
+        """`out + U (G * D x)` for gates [N] (shared) or [B, N] (one row of gates per sample); for shared
+        gates `scaled_up` (`scaled_up(gates, x's dtype)`, kept by the caller) replaces `U` and `G`.
 
         `out` is the base op's output, a new tensor: the delta is added into it where it can be (a
         contiguous tensor of the same dtype that does not share the input's storage, outside autograd),
@@ -181,19 +190,22 @@ class MembraneBank(nn.Module):
         the output (2-5 % of a wide layer's time on CPU at N = 20). Under autograd (training) the sum
         is a new tensor: some base ops return a custom Function's view, which autograd forbids
         changing in place (bitsandbytes' 8-bit matmul)."""
-        coef = self.row_coefficients(gates).to(x.dtype)
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        down = self.down.to(x.dtype)
+        up, coef = (self.up.to(x.dtype), self.row_coefficients(gates).to(x.dtype)) if scaled_up is None else (scaled_up, None)
         recorded = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or down.requires_grad)
         in_place = (not recorded and out.dtype == x.dtype and out.is_contiguous()
                     and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
         if self.is_conv:
             hidden = F.conv2d(x, down, None, base.stride, base.padding, base.dilation, base.groups)
-            delta = F.conv2d(hidden * coef.view(*coef.shape, 1, 1), up[:, :, None, None])
+            if coef is not None:
+                hidden = hidden * coef.view(*coef.shape, 1, 1)
+            delta = F.conv2d(hidden, up[:, :, None, None])
             return out.add_(delta) if in_place else out + delta
         hidden = F.linear(x, down)
-        if coef.dim() == 2:
-            coef = coef.view(coef.shape[0], *([1] * (hidden.dim() - 2)), coef.shape[1])
-        hidden = hidden * coef
+        if coef is not None:
+            if coef.dim() == 2:
+                coef = coef.view(coef.shape[0], *([1] * (hidden.dim() - 2)), coef.shape[1])
+            hidden = hidden * coef
         if not in_place:
             return out + F.linear(hidden, up)
         out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.T)
@@ -254,21 +266,25 @@ class MembraneLayerHook(ModelHook):
         forward_gates = self.controller.gates_for(x)
         if forward_gates is None:
             return self.fn_ref.original_forward(x, *args, **kwargs)
-        if forward_gates.gates.dim() == 1 and self.bank.can_merge:
-            if forward_gates.merge_key is not None:
-                return self._run(module, x, self._call_merged_weight(module, forward_gates))
+        gates, scaled_up = forward_gates.gates, None
+        if gates.dim() == 1 and self.bank.can_merge:
+            if forward_gates.call_key is not None:
+                if forward_gates.keep_merged:
+                    return self._run(module, x, self._kept(self.controller.call.merged, forward_gates.call_key,
+                                                           lambda: self.bank.merged_weight(module.weight.detach(), gates)))
+                scaled_up = self._kept(self.controller.call.scaled_up, (forward_gates.call_key, x.dtype),
+                                       lambda: self.bank.scaled_up(gates, x.dtype))
             if forward_gates.transient_merge and self.bank.merge_is_cheaper(x):  # one layer's copy, freed after the op
-                return self._run(module, x, self.bank.merged_weight(module.weight.detach(), forward_gates.gates))
-        return self.bank.add_delta(module, x, self.fn_ref.original_forward(x, *args, **kwargs), forward_gates.gates)
+                return self._run(module, x, self.bank.merged_weight(module.weight.detach(), gates, scaled_up))
+        return self.bank.add_delta(module, x, self.fn_ref.original_forward(x, *args, **kwargs), gates, scaled_up)
 
-    def _call_merged_weight(self, module: nn.Module, forward_gates: "ForwardGates") -> torch.Tensor:
-        """`W + dW` kept in the running call's scope (so concurrent calls never share or drop each
-        other's merged weights), rebuilt when the gates or the membranes change."""
-        merged = self.controller.call.merged
-        cached = merged.get(id(self))
-        if cached is None or cached[0] != forward_gates.merge_key:
-            weight = self.bank.merged_weight(module.weight.detach(), forward_gates.gates)
-            cached = merged[id(self)] = (forward_gates.merge_key, weight)
+    def _kept(self, store: dict[int, tuple[tuple, torch.Tensor]], key: tuple,
+              make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """This layer's tensor in one of the running call's stores (so concurrent calls never share or
+        drop each other's), made again when `key` (the gates, the membranes' version) changes."""
+        cached = store.get(id(self))
+        if cached is None or cached[0] != key:
+            cached = store[id(self)] = (key, make())
         return cached[1]
 
     def _run(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

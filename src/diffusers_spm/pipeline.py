@@ -185,7 +185,7 @@ class SPMPipelineMixin:
         weight. `merged`: `W + sum g_i dW_i` built once per call for every layer and kept for the call
         (one extra copy of every adapted weight: about 1 GB fp32 on SD 1.x, over 20 GB on Flux; choose
         it only where that fits). Rows with different gates (a mixed batch) and quantized bases always
-        run stacked."""
+        run stacked. In every mode a call keeps each layer's gate-scaled `U` (membrane-sized) for its steps."""
         self._spm_controller().set_memory(mode)
 
     def get_spm_transport_rates(self, prompts: str | Sequence[str]) -> dict[str, list[float]]:

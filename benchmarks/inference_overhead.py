@@ -28,7 +28,8 @@ forward computes its gates through `MembraneController.row_gates`. Configuration
   layer adds `U (G * D x)`, no weight is copied;
 - `rating saved per forward`: the same forward outside any call scope (a hand-written loop on the
   denoiser: UNets trace and rate the text rows at every forward, DiTs trace them through their
-  pooled text and score them text by text) timed against the pipeline call's, side by side; the
+  pooled text and score them text by text, and every layer scales its `U` again) timed against the
+  pipeline call's, side by side; the
   seconds rows time one rating of the step's rows alone, and on DiTs one of rows whose pooled text
   no observed encoder produced (the flattened cosine fallback);
 - `spm single prompt, pipeline call (merged)`: `set_spm_memory("merged")`: each layer runs on

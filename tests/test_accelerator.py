@@ -36,11 +36,11 @@ def generate(pipe, prompts, seed=0, size=32, **kwargs):
                 num_inference_steps=3, **kwargs).images
 
 
-def on_device(pipe, tmp_path, concept="snoopy", std=0.3):
-    """`pipe` in the accelerator's dtype on the device, a random membrane of `concept` loaded after the move."""
+def on_device(pipe, tmp_path):
+    """`pipe` in the accelerator's dtype on the device, a random "snoopy" membrane loaded after the move."""
     denoiser = denoiser_of(pipe)
-    membrane = random_membrane(denoiser, [concept], seed=1, std=std)
-    path = tmp_path / f"{concept}.safetensors"
+    membrane = random_membrane(denoiser, ["snoopy"], seed=1, std=0.3)
+    path = tmp_path / "snoopy.safetensors"
     family_of(denoiser).save(membrane, path, denoiser)
     dtype = UNET_DTYPE if hasattr(pipe, "unet") else DIT_DTYPE
     pipe.to(DEVICE, dtype)

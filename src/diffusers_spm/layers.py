@@ -191,7 +191,10 @@ class MembraneBank(nn.Module):
         is a new tensor: some base ops return a custom Function's view, which autograd forbids
         changing in place (bitsandbytes' 8-bit matmul)."""
         down = self.down.to(x.dtype)
-        up, coef = (self.up.to(x.dtype), self.row_coefficients(gates).to(x.dtype)) if scaled_up is None else (scaled_up, None)
+        if scaled_up is None:
+            up, coef = self.up.to(x.dtype), self.row_coefficients(gates).to(x.dtype)
+        else:
+            up, coef = scaled_up, None
         recorded = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or down.requires_grad)
         in_place = (not recorded and out.dtype == x.dtype and out.is_contiguous()
                     and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())

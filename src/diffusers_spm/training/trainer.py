@@ -404,7 +404,8 @@ class MembraneTrainer:
                     bank.up.copy_(up)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.grad_scaler.load_state_dict(state["grad_scaler"])
+        if "grad_scaler" in state:  # checkpoints written before fp16 runs scaled their loss have none
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.controller.weights_changed()

@@ -278,6 +278,18 @@ def test_in_context_training_gives_each_concept_the_captions_of_its_kind(tmp_pat
         settings.templates_for("mauve")
 
 
+def test_robustness_levers_reach_the_trainer(tmp_path):
+    """The anchor count, the lr schedule and the moving average of `WorldTraining` (the robustness levers
+    of docs/concept-world.md) become the trainer's settings; by default 4 anchors, constant lr, no average."""
+    default = training_config("red", "erase_with_la", WorldTraining(), tmp_path)
+    assert (default.concepts[0].sampling_batch_size, default.train.lr_scheduler, default.train.ema_decay) == (
+        4, "constant", None)
+    levers = training_config("red", "erase_with_la", WorldTraining(anchors=8, lr_scheduler="cosine", ema_decay=0.99),
+                             tmp_path)
+    assert (levers.concepts[0].sampling_batch_size, levers.train.lr_scheduler, levers.train.ema_decay) == (
+        8, "cosine", 0.99)
+
+
 def test_bare_word_share_mixes_the_bare_word_into_the_contexts():
     """The `mixed` lever: the template "{}" (the bare word) drawn in the asked share of iterations."""
     contexts = context_templates("colour")

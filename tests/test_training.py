@@ -17,7 +17,7 @@ from diffusers_spm import Membrane
 from diffusers_spm.training import TrainingConfig, train_membrane
 from diffusers_spm.training.anchors import sample_anchor_embeddings
 from diffusers_spm.training.losses import to_epsilon
-from diffusers_spm.training.trainer import MembraneTrainer
+from diffusers_spm.training.trainer import ADAPTER, MembraneTrainer
 
 DATA = Path(__file__).parent / "data"
 HELD_OUT = ["a photo of a cat", "mountains at sunset", "a red car", "portrait of a woman"]
@@ -219,11 +219,12 @@ def test_batched_and_unbatched_calls_give_the_same_losses(tmp_path):
         assert (a - b).norm() < 1e-2 * a.norm(), part
 
 
-@pytest.mark.parametrize("denoise_batch, precision", [(1, "float32"), (2, "float32"), (1, "fp16")])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, denoise_batch, precision):
-    """fp16 runs checkpoint their loss scaler as well."""
+@pytest.mark.parametrize("denoise_batch, precision, ema_decay",
+                         [(1, "float32", None), (2, "float32", None), (1, "fp16", None), (1, "float32", 0.9)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, denoise_batch, precision, ema_decay):
+    """fp16 runs checkpoint their loss scaler as well, and EMA runs their moving average."""
     torch.set_num_threads(1)
-    settings = {"iterations": 4, "denoise_batch": denoise_batch, "precision": precision}
+    settings = {"iterations": 4, "denoise_batch": denoise_batch, "precision": precision, "ema_decay": ema_decay}
     full = train_membrane(config(tmp_path / "full", **settings), tiny_pipeline())
 
     cfg = config(tmp_path / "cut", **settings)
@@ -242,6 +243,53 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, denoise_batc
     for name, module in full.modules.items():
         assert torch.equal(module.down, resumed.modules[name].down), name
         assert torch.equal(module.up, resumed.modules[name].up), name
+
+
+def test_ema_saves_the_moving_average_and_trains_on_the_weights(tmp_path):
+    """`ema_decay` changes what is saved, never the training: the weights follow the same path as
+    without it, and the saved membrane is diffusers' EMA of them (decay (1 + s) / (10 + s), capped)."""
+    torch.set_num_threads(1)
+    runs = {}
+    for decay in (None, 0.2):
+        trainer = MembraneTrainer(config(tmp_path, iterations=3, ema_decay=decay), tiny_pipeline(),
+                                  config(tmp_path).concepts, torch.device("cpu"))
+        weights = []
+        for _ in range(3):
+            trainer.step()
+            weights.append(trainer.controller.membrane(ADAPTER))
+        runs[decay] = (weights, trainer.membrane_weights(), trainer.controller.membrane(ADAPTER))
+        trainer.close()
+    (plain, plain_saved, _), (weights, saved, after) = runs[None], runs[0.2]
+    for name, pair in saved.modules.items():
+        for part in ("down", "up"):
+            path = [getattr(w.modules[name], part) for w in weights]
+            assert all(torch.equal(a, getattr(b.modules[name], part)) for a, b in zip(path, plain)), (name, part)
+            assert torch.equal(getattr(plain_saved.modules[name], part), path[-1])  # no EMA: the last weights
+            assert torch.equal(getattr(after.modules[name], part), path[-1])  # restored exactly after reading
+            expected = path[0]  # step 1: decay 0; steps 2 and 3: min(2/11, 0.2), min(3/12, 0.2)
+            for step, value in ((2, path[1]), (3, path[2])):
+                decay = min(step / (9 + step), 0.2)
+                expected = decay * expected + (1 - decay) * value
+            torch.testing.assert_close(getattr(pair, part), expected, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(pair.up, weights[-1].modules[name].up) for name, pair in saved.modules.items())
+
+
+def test_resuming_an_ema_run_from_a_checkpoint_without_one_names_the_fix(tmp_path):
+    torch.set_num_threads(1)
+    cfg = config(tmp_path, iterations=2, per_steps=1)
+    trainer = MembraneTrainer(cfg, tiny_pipeline(), cfg.concepts, torch.device("cpu"))
+    trainer.step()
+    state = trainer.state_dict()
+    trainer.close()
+    ema = config(tmp_path, iterations=2, ema_decay=0.9)
+    resuming = MembraneTrainer(ema, tiny_pipeline(), ema.concepts, torch.device("cpu"))
+    before = resuming.controller.membrane(ADAPTER)
+    with pytest.raises(ValueError, match="without train.ema_decay.*resume it without ema_decay"):
+        resuming.load_state_dict(state)
+    assert resuming.step_count == 0
+    for name, pair in resuming.controller.membrane(ADAPTER).modules.items():
+        assert torch.equal(pair.down, before.modules[name].down) and torch.equal(pair.up, before.modules[name].up)
+    resuming.close()
 
 
 def test_denoise_batch_draws_the_same_plans_and_denoises_the_first_with_the_current_membrane(tmp_path):

@@ -86,6 +86,9 @@ class WorldTraining:
     # template "{}", repeated among the contexts): 0.5 mixes the two forms half and half.
     bare_word_share: float = 0.0
     anchor_unconditional: bool = True
+    anchors: int = 4  # the trainer's `sampling_batch_size`: the anchor rows of each iteration
+    lr_scheduler: str = "constant"
+    ema_decay: float | None = None  # save the weights' moving average (the trainer's `ema_decay`)
     denoise_batch: int = 1
     seed: int = 0
     save_every: int | None = None  # also save the membrane every N iterations (time-to-quality curves)
@@ -136,12 +139,13 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
         "concepts": [{"target": concept, "action": action, "la_strength": settings.la_strength,
                       "resolution": 32, "guidance_scale": settings.eta, "use_template": settings.use_template,
                       "templates": list(settings.templates_for(concept)),
-                      "anchor_unconditional": settings.anchor_unconditional, "sampling_batch_size": 4,
+                      "anchor_unconditional": settings.anchor_unconditional, "sampling_batch_size": settings.anchors,
                       "batch_size": 1}],
         "network": {"rank": 1, "alpha": 1.0},
         "train": {"iterations": settings.iterations, "lr": settings.lr, "optimizer_type": "AdamW",
-                  "lr_scheduler": "constant", "lr_warmup_steps": 0, "max_denoising_steps": settings.max_denoising_steps,
-                  "denoise_batch": settings.denoise_batch, "seed": settings.seed, "device": "cpu"},
+                  "lr_scheduler": settings.lr_scheduler, "lr_warmup_steps": 0, "max_denoising_steps": settings.max_denoising_steps,
+                  "denoise_batch": settings.denoise_batch, "ema_decay": settings.ema_decay, "seed": settings.seed,
+                  "device": "cpu"},
         "save": {"name": concept, "path": str(output), "per_steps": settings.save_every or settings.iterations},
     })
 

@@ -128,6 +128,9 @@ class TrainConfig(_Section):
     lr_scheduler_num_cycles: int = Field(default=3, ge=1)
     lr_scheduler_power: float = 1.0
     max_grad_norm: float = Field(default=0.0, ge=0)
+    # Save an exponential moving average of the membrane's weights instead of its last ones (diffusers'
+    # `EMAModel`, whose decay warms up as (1 + s) / (10 + s) to this cap). None: the last weights, as the reference.
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
     max_denoising_steps: int = Field(default=30, ge=2)
     denoise_guidance_scale: float = 3.0  # CFG of the partial denoising (fixed at 3 in the reference)
     denoise_guidance_rescale: float | None = Field(default=None, ge=0, le=1)  # None: 0.7 for SDXL, else 0

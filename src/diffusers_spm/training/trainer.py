@@ -32,6 +32,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..controller import MembraneController, architecture_of
@@ -107,6 +108,8 @@ class MembraneTrainer:
             num_training_steps=config.train.iterations, num_cycles=config.train.lr_scheduler_num_cycles,
             power=config.train.lr_scheduler_power,
         )
+        # The average that `save` writes (`train.ema_decay`), kept beside the weights on the training device.
+        self.ema = EMAModel(self.params, decay=config.train.ema_decay) if config.train.ema_decay else None
 
         self.prediction_type = "v_prediction" if config.pretrained_model.v_pred else self.family.prediction_type(pipe)
         self.schedule = schedule_for(pipe, self.family, self.denoiser, self.prediction_type,
@@ -361,6 +364,8 @@ class MembraneTrainer:
         self.grad_scaler.step(self.optimizer)  # skipped, and the scale lowered, on an overflow
         self.grad_scaler.update()
         self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self.controller.weights_changed()
         self.step_count += 1
@@ -370,7 +375,16 @@ class MembraneTrainer:
 
     # ------------------------------------------------------------------ state
     def membrane_weights(self) -> Membrane:
-        return self.controller.membrane(ADAPTER)
+        """The membrane as it would be saved now: its moving average with `train.ema_decay`, else its
+        weights. Training goes on from the weights either way."""
+        if self.ema is None:
+            return self.controller.membrane(ADAPTER)
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            return self.controller.membrane(ADAPTER)
+        finally:
+            self.ema.restore(self.params)
 
     def save(self, path: Path, dtype: torch.dtype) -> Membrane:
         """Write the membrane in its family's file layout (UNets: the reference's; transformers: diffusers')."""
@@ -387,11 +401,15 @@ class MembraneTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "generator": self.generator.get_state(),
             "config": self.config.model_dump_json(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" not in state:
+            raise ValueError("The checkpoint was written without train.ema_decay, so it holds no moving average "
+                             "to resume; resume it without ema_decay, or start the run afresh.")
         if state["config"] != self.config.model_dump_json():
             logger.warning("Resuming with a config that differs from the checkpoint's; the run will not match "
                            "an uninterrupted one.")
@@ -406,6 +424,8 @@ class MembraneTrainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if "grad_scaler" in state:  # checkpoints written before fp16 runs scaled their loss have none
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.controller.weights_changed()

@@ -26,6 +26,8 @@ def test_missing_path(guarded):
         guarded.load_spm("no/such/dir/membrane.safetensors")
     with pytest.raises(FileNotFoundError, match="Known short names: .*nudity"):
         guarded.load_spm("not_a_registered_name")
+    with pytest.raises(TypeError, match="one membrane per call.*call it once per membrane"):
+        guarded.load_spm(["a.safetensors", "b.safetensors"])
 
 
 def test_pickle_is_refused_but_convert_reads_it(guarded, tmp_path):

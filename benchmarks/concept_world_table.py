@@ -88,6 +88,8 @@ EVERY_CONCEPT = (*MISSED, *(c.name for c in ALL_CONCEPTS if c.name not in MISSED
 ROBUSTNESS = ("triangle", "square", "green", "striped", "purple", "red")
 LEVERS = {"generic-noun": ("striped",), "in-context": EVERY_CONCEPT, "mixed": EVERY_CONCEPT,
           "mixed-cosine": ROBUSTNESS, "mixed-anchors8": ROBUSTNESS, "mixed-ema": ROBUSTNESS}
+# The lever each lever is a change of, where it is not the default (the report sets them side by side).
+LEVER_BASES = {"mixed-cosine": "mixed", "mixed-anchors8": "mixed", "mixed-ema": "mixed"}
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,14 @@ def frequency_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def single_concept_target(groups: dict[str, list[dict]], label: str) -> tuple[list[float], float, bool]:
+    """Row `label`'s erasure per seed, its largest preservation drop from no membrane, and whether it meets
+    the single-concept target (erasure >= 0.90 on every seed, preservation within 5 points)."""
+    erasure = [r["erasure"] for r in groups[label]]
+    drop = groups["no membrane"][0]["preservation"] - min(r["preservation"] for r in groups[label])
+    return erasure, drop, min(erasure) >= 0.9 and drop <= 0.05
+
+
 def acceptance(tables: Path) -> str:
     """Issue 11's criteria per ablated concept, from the concept and ablation tables: worst-seed erasure
     of ours, its largest preservation drop from no membrane, and its worst alteration beside the plain
@@ -385,34 +395,35 @@ def acceptance(tables: Path) -> str:
             continue
         rows = {**json.loads(paths[0].read_text())["rows"], **json.loads(paths[1].read_text())["rows"]}
         groups = seed_groups(rows)
-        ours, plain, lora = groups[OURS], groups["no membrane"][0], groups[PLAIN_LORA]
-        erasure = min(r["erasure"] for r in ours)
-        drop = plain["preservation"] - min(r["preservation"] for r in ours)
-        altered, lora_altered = max(r["alteration"] for r in ours), min(r["alteration"] for r in lora)
-        met = erasure >= 0.9 and drop <= 0.05 and altered < lora_altered
-        lines.append(f"| {concept} | {erasure:.3f} | {drop:.3f} | {altered:.4f} | {lora_altered:.4f} | "
+        erasure, drop, met = single_concept_target(groups, OURS)
+        altered = max(r["alteration"] for r in groups[OURS])
+        lora_altered = min(r["alteration"] for r in groups[PLAIN_LORA])
+        met = met and altered < lora_altered
+        lines.append(f"| {concept} | {min(erasure):.3f} | {drop:.3f} | {altered:.4f} | {lora_altered:.4f} | "
                      f"{'yes' if met else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def lever_summary(plan: Plan, tables: Path, variant: str) -> str:
-    """One row per concept of a lever: its erasure beside the default's (transport tokensim, per seed),
-    its largest preservation drop from no membrane and its worst alteration, and whether it meets the
-    single-concept target (erasure >= 0.90 on every seed, preservation within 5 points)."""
-    lines = [f"| concept | default: erasure per seed | {variant}: erasure per seed | largest preservation drop | "
-             "worst alteration | target met |", "|---|---|---|---|---|---|"]
+    """One row per concept of a lever beside what it changes (its LEVER_BASES entry, else the default),
+    transport tokensim: each one's `single_concept_target`, and the lever's worst alteration."""
+    base = LEVER_BASES.get(variant, "default")
+    lines = [f"| concept | {base}: erasure per seed | {variant}: erasure per seed | {base}: largest preservation "
+             f"drop | {variant}: largest preservation drop | {variant}: worst alteration | target met: {base} / "
+             f"{variant} |", "|---|---|---|---|---|---|---|"]
     for concept in plan.levers[variant]:
-        table, label = tokensim_rows(plan, variant, concept)
-        paths = tables / f"{table}.json", tables / f"concept_{concept}.json"
+        rows = [tokensim_rows(plan, variant, concept),
+                tokensim_rows(plan, base, concept) if base != "default" else (f"concept_{concept}", OURS)]
+        paths = [tables / f"{table}.json" for table, _ in rows]
         if not all(p.exists() for p in paths):
             continue
-        lever, default = (seed_groups(json.loads(p.read_text())["rows"]) for p in paths)
-        ours = lever[label]
-        drop = lever["no membrane"][0]["preservation"] - min(r["preservation"] for r in ours)
-        met = min(r["erasure"] for r in ours) >= 0.9 and drop <= 0.05
-        lines.append(f"| {concept} | {spread([r['erasure'] for r in default[OURS]], min)} | "
-                     f"{spread([r['erasure'] for r in ours], min)} | {drop:.3f} | "
-                     f"{max(r['alteration'] for r in ours):.4f} | {'yes' if met else 'no'} |")
+        (lever, ours), (compared, theirs) = ((seed_groups(json.loads(p.read_text())["rows"]), label)
+                                             for p, (_, label) in zip(paths, rows))
+        (lever_erasure, lever_drop, lever_met), (base_erasure, base_drop, base_met) = (
+            single_concept_target(lever, ours), single_concept_target(compared, theirs))
+        lines.append(f"| {concept} | {spread(base_erasure, min)} | {spread(lever_erasure, min)} | {base_drop:.3f} | "
+                     f"{lever_drop:.3f} | {max(r['alteration'] for r in lever[ours]):.4f} | "
+                     f"{'yes' if base_met else 'no'} / {'yes' if lever_met else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -426,7 +437,8 @@ def report(plan: Plan, output: Path) -> None:
     for variant in plan.levers:
         summary = lever_summary(plan, output / "tables", variant)
         if summary:
-            sections.append(f"## {variant} beside the default, per concept (transport tokensim)\n\n{summary}")
+            sections.append(f"## {variant} beside {LEVER_BASES.get(variant, 'the default')}, per concept "
+                            f"(transport tokensim)\n\n{summary}")
     for path in sorted((output / "tables").glob("*.json")):
         table = json.loads(path.read_text())
         body = comparison_table(table) if "erased" in table else frequency_table(table)

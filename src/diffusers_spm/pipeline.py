@@ -68,7 +68,8 @@ class SPMPipelineMixin:
         """
         if isinstance(pretrained_model_name_or_path, (list, tuple)):
             raise TypeError("load_spm loads one membrane per call, as load_lora_weights does: call it once per "
-                            "membrane, each with its adapter_name, or use spm_applied(sources, adapter_names) for a block.")
+                            "membrane, each with its adapter_name, or use spm_applied(sources, adapter_names) "
+                            "for a block.")
         path, default_name = resolve_membrane(pretrained_model_name_or_path, weight_name, **hub_kwargs)
         name = adapter_name or default_name
         denoiser = self._spm_denoiser

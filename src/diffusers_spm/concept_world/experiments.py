@@ -143,9 +143,9 @@ def training_config(concept: str, action: str, settings: WorldTraining, output: 
                       "batch_size": 1}],
         "network": {"rank": 1, "alpha": 1.0},
         "train": {"iterations": settings.iterations, "lr": settings.lr, "optimizer_type": "AdamW",
-                  "lr_scheduler": settings.lr_scheduler, "lr_warmup_steps": 0, "max_denoising_steps": settings.max_denoising_steps,
-                  "denoise_batch": settings.denoise_batch, "ema_decay": settings.ema_decay, "seed": settings.seed,
-                  "device": "cpu"},
+                  "lr_scheduler": settings.lr_scheduler, "lr_warmup_steps": 0,
+                  "max_denoising_steps": settings.max_denoising_steps, "denoise_batch": settings.denoise_batch,
+                  "ema_decay": settings.ema_decay, "seed": settings.seed, "device": "cpu"},
         "save": {"name": concept, "path": str(output), "per_steps": settings.save_every or settings.iterations},
     })
 

@@ -4,7 +4,8 @@ ablations, the la_strength sweep and time to a good membrane.
 Trains membranes with the real trainer on a shipped concept-world model, then measures erasure /
 preservation / alteration with its judge (docs/concept-world.md). Each stage is resumable (a
 membrane or table already written is kept) and can be split across processes with `--shard k/n`,
-one thread each. On 2 CPU cores the whole UNet run takes about 3 hours.
+one thread each. On 2 CPU cores the whole UNet run takes about 4.5 hours (the robustness levers on mixed
+about 1.5 of them).
 
     python benchmarks/concept_world_table.py train    --shard 0/2 &   # and --shard 1/2 beside it
     python benchmarks/concept_world_table.py evaluate --shard 0/2 &   # and --shard 1/2

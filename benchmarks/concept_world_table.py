@@ -18,8 +18,8 @@ with both transport rates, their la_strength sweeps below 1 (flow matching's los
 epsilon's, docs/training.md), the ablations (plain LoRA, no LA, no transport), the bare word beside
 the default, and the UNet world's settings. `--family unet` also trains every concept in context
 (the `in-context` lever) and half on the bare word, half in context (`mixed`) beside its default, the
-bare word, and three training-robustness levers on mixed (cosine lr, 8 anchor rows, EMA) for six
-concepts (`ROBUSTNESS`), reported beside mixed.
+bare word, and three training-robustness levers on mixed, reported beside it: a cosine lr on six
+concepts (`ROBUSTNESS`), 8 anchor rows and the EMA on every concept.
 """
 
 from __future__ import annotations

@@ -251,8 +251,8 @@ def test_ema_saves_the_moving_average_and_trains_on_the_weights(tmp_path):
     torch.set_num_threads(1)
     runs = {}
     for decay in (None, 0.2):
-        trainer = MembraneTrainer(config(tmp_path, iterations=3, ema_decay=decay), tiny_pipeline(),
-                                  config(tmp_path).concepts, torch.device("cpu"))
+        cfg = config(tmp_path, iterations=3, ema_decay=decay)
+        trainer = MembraneTrainer(cfg, tiny_pipeline(), cfg.concepts, torch.device("cpu"))
         weights = []
         for _ in range(3):
             trainer.step()

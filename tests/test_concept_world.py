@@ -271,7 +271,9 @@ def test_in_context_training_gives_each_concept_the_captions_of_its_kind(tmp_pat
         config = training_config(concept, "erase_with_la", settings, tmp_path)
         assert config.concepts[0].templates == list(templates) and not config.concepts[0].use_template
     assert WorldTraining(templates=("a {}",)).templates_for("red") == ("a {}",)
-    assert world_training("sd3").in_context and not world_training("unet").in_context
+    assert world_training("sd3").in_context
+    unet = training_config("red", "erase_with_la", world_training("unet"), tmp_path)  # half bare word, with the EMA
+    assert unet.concepts[0].templates.count("{}") * 2 == len(unet.concepts[0].templates) and unet.train.ema_decay == 0.99
     with pytest.raises(ValueError, match="in_context picks each concept's templates"):
         WorldTraining(in_context=True, use_template=True)
     with pytest.raises(KeyError, match="'mauve' is not a concept"):

@@ -47,8 +47,8 @@ FLIPPED_IMAGES = 4
 
 @pytest.mark.parametrize("concept", ["red", "blue"])
 def test_membrane_does_not_make_its_colour_likelier_where_no_colour_is_named(world, concept):
-    """Under every transport setting, always on (what `fuse_spm()` bakes in) included: the property
-    the default's training (half bare word, half in context) was chosen for; tokensim keeps the
+    """Under every transport setting, always on (what `fuse_spm()` bakes in) included. It holds for the
+    default's training (half bare word, half in context), not for the bare word's; tokensim keeps the
     images of no membrane, the others change them."""
     world_, judge, pipe = world
     membrane = [MEMBRANES_DIR / f"{concept}.safetensors"]

@@ -4,8 +4,8 @@ ablations, the la_strength sweep and time to a good membrane.
 Trains membranes with the real trainer on a shipped concept-world model, then measures erasure /
 preservation / alteration with its judge (docs/concept-world.md). Each stage is resumable (a
 membrane or table already written is kept) and can be split across processes with `--shard k/n`,
-one thread each. On 2 CPU cores the whole UNet run takes about 4.5 hours (the robustness levers on mixed
-about 1 of them).
+one thread each. On 2 CPU cores the whole UNet run takes about 5.5 hours (the robustness levers on mixed
+about 1 of them, the default trained twice as long another).
 
     python benchmarks/concept_world_table.py train    --shard 0/2 &   # and --shard 1/2 beside it
     python benchmarks/concept_world_table.py evaluate --shard 0/2 &   # and --shard 1/2
@@ -19,8 +19,8 @@ epsilon's, docs/training.md), the ablations (plain LoRA, no LA, no transport), t
 the default, and the UNet world's settings. `--family unet` trains by its default (half on the bare
 word, half in context, the weights' moving average saved) and beside it every concept by the bare word
 (the reference's form, `bare-word`), in context (`in-context`) and mixed without the average (`mixed`),
-and two training-robustness levers on mixed, reported beside it: a cosine lr on six concepts
-(`ROBUSTNESS`) and 8 anchor rows on every concept.
+two training-robustness levers on mixed, reported beside it: a cosine lr on six concepts
+(`ROBUSTNESS`) and 8 anchor rows on every concept, and every concept trained twice as long (`long`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,6 +80,9 @@ class Variant:
     name: str
     settings: WorldTraining
     action: str = "erase_with_la"
+    # A variant whose run this one goes on with (more iterations, nothing else changed): its last
+    # checkpoint is where this run starts, the same membrane as a fresh run (bit-equal, measured) for less.
+    continues: str | None = None
 
 
 # The UNet world's levers (its default: mixed with the EMA): variant -> the concepts it trains, the
@@ -93,7 +97,8 @@ EVERY_CONCEPT = (*MISSED, *(c.name for c in ALL_CONCEPTS if c.name not in MISSED
 ROBUSTNESS = ("triangle", "square", "green", "striped", "purple", "red")
 ROBUSTNESS_FIRST = (*ROBUSTNESS, *(c for c in EVERY_CONCEPT if c not in ROBUSTNESS))
 LEVERS = {"bare-word": EVERY_CONCEPT, "generic-noun": ("striped",), "in-context": EVERY_CONCEPT,
-          "mixed": EVERY_CONCEPT, "mixed-cosine": ROBUSTNESS, "mixed-anchors8": ROBUSTNESS_FIRST}
+          "mixed": EVERY_CONCEPT, "long": EVERY_CONCEPT, "mixed-cosine": ROBUSTNESS,
+          "mixed-anchors8": ROBUSTNESS_FIRST}
 # The lever each lever is a change of, where it is not the default (the report sets them side by side).
 LEVER_BASES = {"mixed-cosine": "mixed", "mixed-anchors8": "mixed"}
 
@@ -137,6 +142,8 @@ def make_plan(family: str) -> Plan:
         # (The third, the weights' moving average, is the UNet world's default: FAMILY_TRAINING.)
         Variant("mixed-cosine", replace(mixed, lr_scheduler="cosine")),
         Variant("mixed-anchors8", replace(mixed, anchors=8)),
+        # The default trained twice as long.
+        Variant("long", replace(base, iterations=2 * base.iterations), continues="shipped"),
         # The UNet world's iterations and denoising steps on another world (the DiT world's are cut for
         # cost), on the bare word: the UNet world's default when the DiT world's table was measured.
         Variant("unet-settings", replace(WorldTraining(), save_every=50)),
@@ -184,11 +191,23 @@ def train(plan: Plan, output: Path, shard: tuple[int, int], pattern: str = "") -
         if index % shard[1] != shard[0] or path.exists() or not re.search(pattern, f"{name}/{concept}_s{seed}"):
             continue
         variant = plan.variants[name]
+        if variant.continues:
+            continue_run(output, variant.continues, name, concept, seed)
         start = time.perf_counter()
         trained = train_world_membrane(pipe, concept, path.with_suffix(""), variant.action,
                                        replace(variant.settings, seed=seed), resume=True)  # an interrupted run goes on
         trained.rename(path)
         logging.info("trained %s in %.0f s", path, time.perf_counter() - start)
+
+
+def continue_run(output: Path, source: str, variant: str, concept: str, seed: int) -> None:
+    """Start `variant`'s run of `concept` and `seed` at `source`'s last checkpoint, unless it has its own.
+    The trainer then warns that the configs differ (the iterations): expected here."""
+    runs = membrane(output, variant, concept, seed).with_suffix("") / "runs"
+    checkpoints = sorted((membrane(output, source, concept, seed).with_suffix("") / "runs").glob("*.checkpoint.pt"))
+    if checkpoints and not any(runs.glob("*.checkpoint.pt")):
+        runs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(checkpoints[0], runs / checkpoints[0].name)
 
 
 def seed_rows(output: Path, concept: str, label: str, variant: str = "shipped", **condition) -> list[Condition]:
@@ -251,7 +270,8 @@ def evaluation_jobs(plan: Plan, output: Path) -> dict[str, Callable[..., dict]]:
                 p, j, w, [c], spm_rows(output, c, "random-anchors", "SPM, random anchors only"), evaluation).as_dict()
     # six at once, per seed, for the default and each form of training prompt that trains the six
     for variant, prefix in (("shipped", "six"), ("bare-word", "six_bare-word"), ("in-context", "six_in-context"),
-                            ("mixed", "six_mixed"), ("mixed-anchors8", "six_mixed-anchors8")):
+                            ("mixed", "six_mixed"), ("mixed-anchors8", "six_mixed-anchors8"),
+                            ("long", "six_long")):
         for seed in SEEDS:
             files = [membrane(output, variant, c, seed) for c in SIX]
             jobs[f"{prefix}_s{seed}"] = lambda p, j, w, f=files: compare(p, j, w, SIX, [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,22 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, denoise_batc
     for name, module in full.modules.items():
         assert torch.equal(module.down, resumed.modules[name].down), name
         assert torch.equal(module.up, resumed.modules[name].up), name
+
+
+def test_a_finished_run_resumed_with_more_iterations_equals_the_longer_run(tmp_path):
+    """With a constant lr nothing depends on the run's length, so a run goes on from a shorter one's
+    last checkpoint (the concept-world benchmark's `long` lever does) with the EMA carried over."""
+    torch.set_num_threads(1)
+    longer = train_membrane(config(tmp_path / "full", iterations=4, ema_decay=0.9), tiny_pipeline())
+    short = config(tmp_path / "short", iterations=3, per_steps=1, ema_decay=0.9)
+    train_membrane(short, tiny_pipeline())
+    cfg = config(tmp_path / "continued", iterations=4, ema_decay=0.9)
+    Path(cfg.save.path).mkdir(parents=True)
+    shutil.copy(Path(short.save.path) / "untitled.checkpoint.pt", Path(cfg.save.path) / "untitled.checkpoint.pt")
+    continued = train_membrane(cfg, tiny_pipeline(), resume=True)
+    for name, module in longer.modules.items():
+        assert torch.equal(module.down, continued.modules[name].down), name
+        assert torch.equal(module.up, continued.modules[name].up), name
 
 
 def test_ema_saves_the_moving_average_and_trains_on_the_weights(tmp_path):

@@ -204,10 +204,10 @@ def continue_run(output: Path, source: str, variant: str, concept: str, seed: in
     """Start `variant`'s run of `concept` and `seed` at `source`'s last checkpoint, unless it has its own.
     The trainer then warns that the configs differ (the iterations): expected here."""
     runs = membrane(output, variant, concept, seed).with_suffix("") / "runs"
-    checkpoints = sorted((membrane(output, source, concept, seed).with_suffix("") / "runs").glob("*.checkpoint.pt"))
-    if checkpoints and not any(runs.glob("*.checkpoint.pt")):
+    checkpoint = next((membrane(output, source, concept, seed).with_suffix("") / "runs").glob("*.checkpoint.pt"), None)
+    if checkpoint is not None and not any(runs.glob("*.checkpoint.pt")):
         runs.mkdir(parents=True, exist_ok=True)
-        shutil.copy(checkpoints[0], runs / checkpoints[0].name)
+        shutil.copy(checkpoint, runs / checkpoint.name)
 
 
 def seed_rows(output: Path, concept: str, label: str, variant: str = "shipped", **condition) -> list[Condition]:
